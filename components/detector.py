@@ -1,0 +1,247 @@
+"""The one interface every method implements, and the registry that builds them from config.
+
+A detector is configured in `__init__` (nothing learned), learns in `fit`, and keeps learned state in
+attributes ending in `_`. `score` on an unfitted detector raises `NotFittedError`. `save`/`load` use
+safetensors + JSON only, with the sha256 of every file recorded in `manifest.json` and checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from components.config import Config
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class NotFittedError(RuntimeError):
+    """Raised when a detector is used before `fit` (or `load`)."""
+
+
+class ArtifactError(ValueError):
+    """A saved model that is incomplete, tampered with or of an unknown format; names the file."""
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Scores of one batch: higher = more anomalous.
+
+    image_scores: (B,) float32; anomaly_maps: (B, H, W) float32 at the input resolution.
+    """
+
+    image_scores: np.ndarray
+    anomaly_maps: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.image_scores.ndim != 1 or self.anomaly_maps.ndim != 3:
+            raise ValueError("ScoreBatch needs image_scores (B,) and anomaly_maps (B, H, W)")
+        if self.image_scores.shape[0] != self.anomaly_maps.shape[0]:
+            raise ValueError("ScoreBatch: image_scores and anomaly_maps disagree on B")
+
+    @staticmethod
+    def concat(batches: Iterable[ScoreBatch]) -> ScoreBatch:
+        batches = list(batches)
+        if not batches:
+            return ScoreBatch(np.zeros(0, np.float32), np.zeros((0, 0, 0), np.float32))
+        return ScoreBatch(
+            np.concatenate([b.image_scores for b in batches]),
+            np.concatenate([b.anomaly_maps for b in batches]),
+        )
+
+
+ImageInput = torch.Tensor | Iterable[torch.Tensor]
+
+
+@runtime_checkable
+class Detector(Protocol):
+    name: str
+
+    def fit(self, images: ImageInput) -> Detector: ...
+
+    def score(self, images: torch.Tensor) -> ScoreBatch: ...
+
+    def save(self, directory: str | Path) -> Path: ...
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Detector: ...
+
+
+def iter_image_batches(images: ImageInput, batch_size: int) -> Iterator[torch.Tensor]:
+    """Yield (B, 3, H, W) float batches from one tensor (split into batch_size) or an iterable of tensors."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        yield from images.split(batch_size)
+        return
+    for batch in images:
+        batch = getattr(batch, "images", batch)  # components.data.Batch or a plain tensor
+        if batch.ndim == 3:
+            batch = batch.unsqueeze(0)
+        yield batch
+
+
+ProgressFn = Callable[[str, int, "int | None"], None]
+"""progress(stage, done, total): called by fit/score so a CLI or flow can draw bars; components never print."""
+
+
+class BaseDetector:
+    """Shared plumbing: configuration kept in `cfg`, the optional calibrated threshold, fitted checks."""
+
+    name: str = "base"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.threshold_ = None  # components.thresholds.Threshold, set after calibration
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> BaseDetector:
+        return cls(cfg)
+
+    @property
+    def is_fitted(self) -> bool:
+        raise NotImplementedError
+
+    def check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit() or load() first")
+
+    def threshold_writer(self) -> dict[str, Callable[[Path], None]]:
+        if self.threshold_ is None:
+            return {}
+        payload = json.dumps(self.threshold_.to_dict(), indent=2, sort_keys=True)
+        return {"threshold.json": lambda path: path.write_text(payload)}
+
+    def read_threshold(self, files: dict[str, Path]) -> None:
+        from components.thresholds import Threshold
+
+        if "threshold.json" in files:
+            self.threshold_ = Threshold.from_dict(json.loads(files["threshold.json"].read_text()))
+
+
+# --------------------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type] = {}
+
+
+def register_detector(name: str) -> Callable[[type], type]:
+    def decorator(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"detector {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def registered_detectors() -> list[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def detector_class(name: str) -> type:
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown detector {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def create_detector(cfg: Config) -> Detector:
+    """Build the detector named by `cfg.detector.method`, configured from the whole config."""
+    return detector_class(cfg.detector.method).from_config(cfg)
+
+
+def load_detector(directory: str | Path) -> Detector:
+    """Load any saved detector: the manifest names its method; every file's sha256 is checked."""
+    manifest = read_manifest(directory)
+    return detector_class(manifest["method"]).load(directory)
+
+
+def _import_builtin() -> None:
+    import components.patchcore  # noqa: F401  (registers itself)
+
+
+# --------------------------------------------------------------------------------------- artifacts
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_model_dir(directory: str | Path, method: str, writers: dict[str, Callable[[Path], None]]) -> Path:
+    """Write a model directory atomically: files go to a temp sibling, get hashed into manifest.json,
+    and the temp dir replaces `directory` only when everything is written (nothing half-written)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp.chmod(0o755)
+    try:
+        files = {}
+        for name, write in writers.items():
+            write(tmp / name)
+            files[name] = {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+        manifest = {"format_version": FORMAT_VERSION, "method": method, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            _rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; {directory} is not a saved defectops model")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("format_version") != FORMAT_VERSION or "method" not in manifest:
+        raise ArtifactError(f"{path}: unknown model format {manifest.get('format_version')!r}")
+    return manifest
+
+
+def verified_files(directory: str | Path, expected_method: str) -> dict[str, Path]:
+    """Check every file listed in the manifest against its sha256; return name -> path."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest["method"] != expected_method:
+        raise ArtifactError(f"{directory}: holds a {manifest['method']!r} model, not {expected_method!r}")
+    out = {}
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise ArtifactError(f"{path}: sha256 mismatch (expected {entry['sha256'][:12]}…, got {actual[:12]}…)")
+        out[name] = path
+    return out
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,222 @@
+"""`defectops` command line: fit, evaluate and predict on local folders (the pipeline commands are added by
+flows.ops_cli). User mistakes print one clear line and exit non-zero; `--debug` shows the traceback."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from components.backbones import WeightsError
+from components.config import ConfigError, load_config
+from components.data import IMAGE_EXTENSIONS, DataError, Sample, iter_batches
+from components.detector import ArtifactError, NotFittedError, load_detector
+from flows.progress import progress_bars
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Unsupervised visual inspection: learn good parts, outline defects.")
+console = Console()
+err_console = Console(stderr=True)
+USER_ERRORS = (ConfigError, DataError, ArtifactError, WeightsError, NotFittedError, FileNotFoundError,
+               NotADirectoryError, PermissionError, ValueError)
+
+DataOpt = Annotated[Path, typer.Option("--data", help="product line folder in MVTec layout")]
+ModelOpt = Annotated[Path, typer.Option("--model", help="saved model folder")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="params.yaml (default: ./params.yaml if present)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a parameter: key.path=value")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+
+
+def _config(path: Path | None, overrides: list[str] | None):
+    if path is None and Path("params.yaml").is_file():
+        path = Path("params.yaml")
+    return load_config(path, overrides or [])
+
+
+@app.command()
+def fit(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="model folder to write")],
+        config: ConfigOpt = None, set_: SetOpt = None,
+        max_train: Annotated[int | None, typer.Option("--max-train", help="use the first N train images")] = None,
+        quiet: QuietOpt = False) -> None:
+    """Fit the configured detector on DATA/train/good and save it (with its threshold) to OUT."""
+    from components.training import fit_line
+
+    cfg = _config(config, set_)
+    with progress_bars(err_console, not quiet) as progress:
+        result = fit_line(cfg, data, max_train, progress)
+    result.detector.save(out)
+    det = result.detector
+    table = Table(title=f"fitted {det.name} on {data}")
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("images fitted / calibration", f"{result.n_fit} / {result.n_calibration}")
+    for key, value in getattr(det, "fit_stats_", {}).items():
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) and not value.is_integer() else f"{value:g}")
+    table.add_row("fit seconds", f"{result.fit_seconds:.2f}")
+    if det.threshold_ is not None:
+        table.add_row("image threshold", f"{det.threshold_.image:.4f}")
+    table.add_row("saved to", str(out))
+    console.print(table)
+
+
+@app.command()
+def evaluate(model: ModelOpt, data: DataOpt,
+             json_out: Annotated[Path, typer.Option("--json", help="metrics JSON file")] = Path("evaluation.json"),
+             quiet: QuietOpt = False) -> None:
+    """Score DATA/test with a saved model; print image/pixel AUROC, AP, F1-max and AUPRO per defect type."""
+    from components.data import scan_line
+    from components.evaluation import evaluate_split
+    from components.report import metric_rows
+
+    det = load_detector(model)
+    split = scan_line(data)
+    with progress_bars(err_console, not quiet) as progress:
+        result = evaluate_split(det, split, det.cfg, progress)
+    header, rows = metric_rows(result.report)
+    table = Table(title=f"{det.name} on {data} ({result.ms_per_image:.1f} ms/image)")
+    for col in header:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    payload = {"model": str(model), "data": str(data), "ms_per_image": result.ms_per_image,
+               **result.report.to_dict()}
+    _atomic_write_text(json_out, json.dumps(payload, indent=2))
+    console.print(f"metrics written to {json_out}")
+
+
+def expand_images(paths: list[Path]) -> list[Path]:
+    """Files as given, folders searched recursively for image files (sorted)."""
+    out = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                raise DataError(path, "folder holds no image files")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise DataError(path, "no such file or folder")
+    return out
+
+
+@app.command()
+def predict(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+            out: Annotated[Path, typer.Option("--out", help="folder for overlays, CSV and JSON")],
+            quiet: QuietOpt = False) -> None:
+    """Score images: per-image score, decision and a heatmap overlay PNG. Nothing is written unless all
+    images were read and scored."""
+    from components.report import overlay, save_png
+    from components.training import preprocess_for, to_uint8_image
+
+    det = load_detector(model)
+    files = expand_images(images)
+    samples = [Sample(p, "unknown", -1, None) for p in files]
+    threshold = det.threshold_
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
+    try:
+        rows, names = [], _unique_names(files)
+        with progress_bars(err_console, not quiet) as progress:
+            for batch in iter_batches(samples, preprocess_for(det.cfg.data), det.cfg.data.batch_size,
+                                      max_pixels=det.cfg.data.max_image_pixels):
+                scores = det.score(batch.images)
+                for i, sample in enumerate(batch.samples):
+                    name = names[len(rows)]
+                    score = float(scores.image_scores[i])
+                    flagged = None if threshold is None else bool(score > threshold.image)
+                    pixel_t = threshold.pixel if threshold is not None else None
+                    save_png(overlay(to_uint8_image(batch.images[i]), scores.anomaly_maps[i], pixel_t),
+                             staging / f"{name}_overlay.png")
+                    rows.append({"image": str(sample.path), "score": score,
+                                 "decision": {None: "n/a", True: "defective", False: "good"}[flagged],
+                                 "overlay": f"{name}_overlay.png"})
+                if progress:
+                    progress("predict", len(rows), len(samples))
+        _write_predictions(staging, rows, threshold)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    table = Table(title=f"{len(rows)} images")
+    for col in ("image", "score", "decision"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["image"], f"{row['score']:.4f}", row["decision"])
+    console.print(table)
+    console.print(f"overlays, predictions.csv and predictions.json in {out}")
+
+
+def _unique_names(files: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for f in files:
+        n = seen.get(f.stem, 0)
+        seen[f.stem] = n + 1
+        names.append(f.stem if n == 0 else f"{f.stem}-{n}")
+    return names
+
+
+def _write_predictions(folder: Path, rows: list[dict], threshold) -> None:
+    with open(folder / "predictions.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "score", "decision", "overlay"])
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = {"threshold": threshold.to_dict() if threshold is not None else None, "predictions": rows}
+    (folder / "predictions.json").write_text(json.dumps(meta, indent=2))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _register_pipeline_commands() -> None:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("flows.ops_cli") is not None:
+        importlib.import_module("flows.ops_cli").register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _register_pipeline_commands()
+    try:
+        app(args, standalone_mode=False)
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except (typer.Exit, SystemExit) as exc:
+        return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

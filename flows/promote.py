@@ -1,0 +1,174 @@
+"""The promotion gate: a challenger takes `@champion` only if it is no worse than the champion on the
+same pinned evaluation data (beyond the tolerances in params.yaml) and within the latency budget.
+
+`decide` is pure (metrics in, decision out). `apply_gate` reads the champion from the registry,
+re-evaluates it when it was measured on other data, records the decision on the version and in its run,
+then moves the aliases: `@challenger` always, `@champion` only when promoted.
+
+    decision = apply_gate("defectops-cookie", "4", result.metrics(), eval_hash, cfg.promotion, reevaluate)
+
+A metric that is missing or not a number never passes a check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from components.config import PromotionConfig
+from flows import tracking
+
+logger = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+GATED_METRICS = ("image_auroc", "aupro", "ms_per_image")
+Reevaluate = Callable[[dict[str, Any]], Mapping[str, float]]
+"""reevaluate(champion_version_info) -> the champion's metrics on the candidate's pinned data."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"promote": self.promote, "reasons": list(self.reasons)}
+
+
+def _number(metrics: Mapping[str, Any] | None, key: str) -> float:
+    """metrics[key] as a float; nan when missing, None, not a number or not parseable."""
+    value = (metrics or {}).get(key)
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _at_least(name: str, value: float, required: float, how: str) -> tuple[bool, str]:
+    if math.isnan(value) or math.isnan(required):
+        which = "candidate" if math.isnan(value) else "reference"
+        return False, f"{name}: {which} value is missing or not a number ({how}): fail"
+    ok = value >= required
+    return ok, f"{name} {value:.4f} {'>=' if ok else '<'} {required:.4f} ({how}): {'pass' if ok else 'fail'}"
+
+
+def _within_budget(value: float, budget: float) -> tuple[bool, str]:
+    if math.isnan(value):
+        return False, "ms_per_image: candidate value is missing or not a number: fail"
+    ok = value <= budget
+    return ok, (f"ms_per_image {value:.2f} {'<=' if ok else '>'} latency budget {budget:.2f}: "
+                f"{'pass' if ok else 'fail'}")
+
+
+def decide(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, cfg: PromotionConfig) -> Decision:
+    """Pure gate. candidate/champion: metric dicts with image_auroc, aupro, ms_per_image (measured on the
+    same pinned data). No champion: the absolute floors apply (min_image_auroc, min_aupro) and the latency
+    budget. With a champion: image_auroc >= champion - tolerance, aupro >= champion - tolerance, and
+    ms_per_image <= budget. Every check is listed in `reasons`, passed or failed."""
+    auroc, aupro = _number(candidate, "image_auroc"), _number(candidate, "aupro")
+    if champion is None:
+        checks = [(True, "no champion yet: absolute floors apply"),
+                  _at_least("image_auroc", auroc, cfg.min_image_auroc, "floor"),
+                  _at_least("aupro", aupro, cfg.min_aupro, "floor")]
+    else:
+        champ_auroc, champ_aupro = _number(champion, "image_auroc"), _number(champion, "aupro")
+        checks = [
+            _at_least("image_auroc", auroc, champ_auroc - cfg.image_auroc_tolerance,
+                      f"champion {champ_auroc:.4f} - tolerance {cfg.image_auroc_tolerance:g}"),
+            _at_least("aupro", aupro, champ_aupro - cfg.aupro_tolerance,
+                      f"champion {champ_aupro:.4f} - tolerance {cfg.aupro_tolerance:g}"),
+        ]
+    checks.append(_within_budget(_number(candidate, "ms_per_image"), cfg.latency_budget_ms))
+    return Decision(all(ok for ok, _ in checks), [reason for _, reason in checks])
+
+
+def metrics_from_tags(tags: Mapping[str, str]) -> dict[str, float]:
+    """{"metrics.image_auroc": "0.91", ...} -> {"image_auroc": 0.91, ...} (unparseable values -> nan)."""
+    return {key[len("metrics."):]: _number(tags, key) for key in tags if key.startswith("metrics.")}
+
+
+def _champion_metrics(model_name: str, champion: dict[str, Any], eval_data_hash: str,
+                      reevaluate: Reevaluate | None) -> tuple[dict[str, float] | None, list[str], bool]:
+    """The champion's metrics on `eval_data_hash`: its recorded ones when measured on the same data,
+    otherwise `reevaluate(champion)`. Returns (metrics or None if impossible, notes, reevaluated)."""
+    recorded_on = champion["tags"].get("eval_data_hash", "")
+    label = f"{model_name} version {champion['version']}"
+    if recorded_on == eval_data_hash:
+        return metrics_from_tags(champion["tags"]), [f"champion is {label}, evaluated on the same pinned "
+                                                      f"data {eval_data_hash[:12]}"], False
+    note = (f"champion {label} was evaluated on data {recorded_on[:12] or '(unknown)'}, the candidate on "
+            f"{eval_data_hash[:12]}")
+    if reevaluate is None:
+        return None, [note + ": no re-evaluation available, the two cannot be compared: fail"], False
+    logger.info("%s: re-evaluating the champion on the pinned data", note)
+    metrics = {k: _number(dict(reevaluate(champion)), k) for k in GATED_METRICS}
+    return metrics, [note + ": champion re-evaluated on the candidate's pinned data"], True
+
+
+def apply_gate(model_name: str, version: str, candidate_metrics: Mapping[str, Any], eval_data_hash: str,
+               cfg: PromotionConfig, reevaluate: Reevaluate | None = None) -> Decision:
+    """Gate `version` of `model_name` against the current `@champion`, record the decision, move aliases.
+
+    `reevaluate(champion_version_info)` is called only when the champion's `eval_data_hash` tag differs
+    from `eval_data_hash`. The decision goes to the version's tags (promotion.decision / .reasons (JSON
+    list) / .time / .champion_before), to its run's tags and to the run's `promotion.json`; then
+    `@challenger` is set on `version` and `@champion` moves to it only when promoted. An exception (for
+    example from `reevaluate`) propagates before any alias has moved.
+    """
+    version = str(version)
+    candidate = tracking.get_version(model_name, version)
+    champion_version = tracking.version_for_alias(model_name, CHAMPION)
+    champion = champ_metrics = None
+    notes: list[str] = []
+    reevaluated = False
+    if champion_version is not None and champion_version != version:
+        champion = tracking.get_version(model_name, champion_version)
+        champ_metrics, notes, reevaluated = _champion_metrics(model_name, champion, eval_data_hash, reevaluate)
+    if champion is not None and champ_metrics is None:
+        decision = Decision(False, notes)
+    else:
+        gated = decide(candidate_metrics, champ_metrics, cfg)
+        decision = Decision(gated.promote, notes + gated.reasons)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    _record(model_name, candidate, decision, now, {
+        "champion_before": champion_version, "champion_metrics": champ_metrics,
+        "champion_reevaluated": reevaluated, "eval_data_hash": eval_data_hash,
+        "candidate_metrics": {k: _number(candidate_metrics, k) for k in GATED_METRICS},
+        "config": cfg.model_dump(mode="json")})
+    tracking.set_alias(model_name, CHALLENGER, version)
+    if decision.promote:
+        tracking.set_alias(model_name, CHAMPION, version)
+    logger.info("%s version %s: %s (%s)", model_name, version, "promoted" if decision.promote else "rejected",
+                "; ".join(decision.reasons))
+    return decision
+
+
+def _record(model_name: str, candidate: dict[str, Any], decision: Decision, when: str,
+            details: dict[str, Any]) -> None:
+    tags = {"promotion.decision": "promoted" if decision.promote else "rejected",
+            "promotion.reasons": json.dumps(decision.reasons), "promotion.time": when,
+            "promotion.champion_before": details["champion_before"] or "none"}
+    tracking.set_version_tags(model_name, candidate["version"], tags)
+    if candidate.get("run_id"):
+        tracking.set_run_tags(candidate["run_id"], tags)
+        payload = {"model": model_name, "version": candidate["version"], "time": when,
+                   **decision.to_dict(), **details}
+        tracking.log_dict(candidate["run_id"], _json_safe(payload), "promotion.json")
+
+
+def _json_safe(value: Any) -> Any:
+    """nan -> None, recursively, so promotion.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value

