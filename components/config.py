@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from components.dinomaly.config import DinomalyConfig
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -77,6 +79,7 @@ class PatchCoreConfig(Section):
 class DetectorConfig(Section):
     method: str = "patchcore"
     patchcore: PatchCoreConfig = PatchCoreConfig()
+    dinomaly: DinomalyConfig = DinomalyConfig()
 
 
 class ThresholdConfig(Section):

@@ -171,6 +171,7 @@ def load_detector(directory: str | Path) -> Detector:
 
 
 def _import_builtin() -> None:
+    import components.dinomaly.detector  # noqa: F401  (registers itself; the package __init__ stays lazy)
     import components.patchcore  # noqa: F401  (registers itself)
 
 
@@ -185,8 +186,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def write_model_dir(directory: str | Path, method: str, writers: dict[str, Callable[[Path], None]]) -> Path:
     """Write a model directory atomically: files go to a temp sibling, get hashed into manifest.json,
-    and the temp dir replaces `directory` only when everything is written (nothing half-written)."""
+    and the temp dir replaces `directory` only when everything is written (nothing half-written).
+
+    An existing `directory` is replaced only when it is empty or a saved model (holds manifest.json): any
+    other folder or file is refused with ArtifactError rather than deleted.
+    """
     directory = Path(directory)
+    _check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     tmp.chmod(0o755)
@@ -199,6 +205,7 @@ def write_model_dir(directory: str | Path, method: str, writers: dict[str, Calla
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
+            _rmtree(old)  # left over by an interrupted earlier save: os.replace cannot overwrite it
             os.replace(directory, old)
             os.replace(tmp, directory)
             _rmtree(old)
@@ -210,6 +217,16 @@ def write_model_dir(directory: str | Path, method: str, writers: dict[str, Calla
     return directory
 
 
+def _check_replaceable(directory: Path) -> None:
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not directory.is_dir() or directory.is_symlink():
+        raise ArtifactError(f"{directory}: exists and is not a folder; refusing to replace it with a model")
+    if any(directory.iterdir()) and not (directory / MANIFEST).is_file():
+        raise ArtifactError(f"{directory}: folder is not empty and holds no saved model ({MANIFEST}); "
+                            "refusing to replace it (choose a new or empty folder)")
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -218,6 +235,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{path}: not a defectops manifest (expected an object with 'files')")
     if manifest.get("format_version") != FORMAT_VERSION or "method" not in manifest:
         raise ArtifactError(f"{path}: unknown model format {manifest.get('format_version')!r}")
     return manifest

@@ -14,7 +14,9 @@ logger = logging.getLogger(__name__)
 def build_index(bank: np.ndarray, kind: str = "flat", nlist: int = 256, pq_m: int = 16, seed: int = 0):
     """A faiss index over bank (M, D) float32. kind: flat (exact L2), ivf (IVF-Flat) or ivfpq.
 
-    IVF variants need at least `nlist` training points; nlist is reduced to fit smaller banks.
+    IVF variants need at least `nlist` training points; nlist is reduced to fit smaller banks. IVF-PQ codes
+    have 8 bits (256 centroids per sub-quantizer), fewer for a bank of under 256 entries, which faiss
+    could not otherwise train.
     """
     bank = np.ascontiguousarray(bank, dtype=np.float32)
     m, d = bank.shape
@@ -28,7 +30,9 @@ def build_index(bank: np.ndarray, kind: str = "flat", nlist: int = 256, pq_m: in
         else:
             if d % pq_m:
                 raise ValueError(f"ivfpq: embedding dim {d} is not divisible by pq_subquantizers {pq_m}")
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, 8)
+            if m < 2:
+                raise ValueError(f"ivfpq: a bank of {m} entries is too small to train product quantizers")
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, min(8, int(np.log2(m))))
         index.cp.seed = seed
         index.train(bank)
         index.nprobe = max(1, nlist // 8)

@@ -58,7 +58,7 @@ def fit(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="model fo
     det = result.detector
     table = Table(title=f"fitted {det.name} on {data}")
     table.add_column("item")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     table.add_row("images fitted / calibration", f"{result.n_fit} / {result.n_calibration}")
     for key, value in getattr(det, "fit_stats_", {}).items():
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) and not value.is_integer() else f"{value:g}")
@@ -84,8 +84,8 @@ def evaluate(model: ModelOpt, data: DataOpt,
         result = evaluate_split(det, split, det.cfg, progress)
     header, rows = metric_rows(result.report)
     table = Table(title=f"{det.name} on {data} ({result.ms_per_image:.1f} ms/image)")
-    for col in header:
-        table.add_column(col)
+    for col in header:  # fold, never ellipsize: at 80 columns (CI logs, pipes) every header read "image…"
+        table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*row)
     console.print(table)
@@ -124,8 +124,10 @@ def predict(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="
     files = expand_images(images)
     samples = [Sample(p, "unknown", -1, None) for p in files]
     threshold = det.threshold_
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
+    completed = False
     try:
         rows, names = [], _unique_names(files)
         with progress_bars(err_console, not quiet) as progress:
@@ -147,11 +149,14 @@ def predict(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="
         _write_predictions(staging, rows, threshold)
         for item in staging.iterdir():
             os.replace(item, out / item.name)
+        completed = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not completed:  # leave no empty output folder behind a failed run
+            shutil.rmtree(out, ignore_errors=True)
     table = Table(title=f"{len(rows)} images")
     for col in ("image", "score", "decision"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(row["image"], f"{row['score']:.4f}", row["decision"])
     console.print(table)
@@ -184,12 +189,19 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_pipeline_registered = False
+
+
 def _register_pipeline_commands() -> None:
+    """Once per process: main() may run many times in one interpreter (tests, notebooks), and registering
+    again would append a duplicate of every pipeline command to the app each time."""
+    global _pipeline_registered
     import importlib
     import importlib.util
 
-    if importlib.util.find_spec("flows.ops_cli") is not None:
+    if not _pipeline_registered and importlib.util.find_spec("flows.ops_cli") is not None:
         importlib.import_module("flows.ops_cli").register(app)
+    _pipeline_registered = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,15 +219,27 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Exit, SystemExit) as exc:
         return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
     except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        usage_errors, aborts = _click_exception_types()
+        if isinstance(exc, usage_errors):
             exc.show()
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, aborts):
             return 130
         raise
     return 0
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error types, abort types). typer >= 0.29 raises its own vendored copy of click's exceptions
+    (typer._click, subclasses of typer.exceptions.TyperException), which are not click's classes."""
+    import click
+
+    usage: set[type] = {click.exceptions.ClickException}
+    aborts: set[type] = {click.exceptions.Abort, typer.Abort}
+    typer_base = getattr(typer.exceptions, "TyperException", None)
+    if typer_base is not None:
+        usage.add(typer_base)
+    return tuple(usage), tuple(aborts)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ DEFECTS = ("scratch", "blob", "missing")
 @dataclass(frozen=True)
 class DemoSpec:
     texture: str = "brick"
-    n_train: int = 12
-    n_test_good: int = 6
+    n_train: int = 20
+    n_test_good: int = 8
     n_per_defect: int = 4
     size: int = 160  # crop side in pixels; the backbone's image_size resizes it
     seed: int = 0

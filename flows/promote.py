@@ -73,18 +73,24 @@ def decide(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, cfg
     budget. With a champion: image_auroc >= champion - tolerance, aupro >= champion - tolerance, and
     ms_per_image <= budget. Every check is listed in `reasons`, passed or failed."""
     auroc, aupro = _number(candidate, "image_auroc"), _number(candidate, "aupro")
+    # A pinned test split with no pixel ground truth at all (n_masked == 0) has no AUPRO to gate on: that
+    # check is skipped and says so. Otherwise a missing or NaN AUPRO fails, like any other metric.
+    no_masks = _number(candidate, "n_masked") == 0
     if champion is None:
         checks = [(True, "no champion yet: absolute floors apply"),
-                  _at_least("image_auroc", auroc, cfg.min_image_auroc, "floor"),
-                  _at_least("aupro", aupro, cfg.min_aupro, "floor")]
+                  _at_least("image_auroc", auroc, cfg.min_image_auroc, "floor")]
+        if not no_masks:
+            checks.append(_at_least("aupro", aupro, cfg.min_aupro, "floor"))
     else:
         champ_auroc, champ_aupro = _number(champion, "image_auroc"), _number(champion, "aupro")
         checks = [
             _at_least("image_auroc", auroc, champ_auroc - cfg.image_auroc_tolerance,
-                      f"champion {champ_auroc:.4f} - tolerance {cfg.image_auroc_tolerance:g}"),
-            _at_least("aupro", aupro, champ_aupro - cfg.aupro_tolerance,
-                      f"champion {champ_aupro:.4f} - tolerance {cfg.aupro_tolerance:g}"),
-        ]
+                      f"champion {champ_auroc:.4f} - tolerance {cfg.image_auroc_tolerance:g}")]
+        if not no_masks:
+            checks.append(_at_least("aupro", aupro, champ_aupro - cfg.aupro_tolerance,
+                                    f"champion {champ_aupro:.4f} - tolerance {cfg.aupro_tolerance:g}"))
+    if no_masks:
+        checks.append((True, "aupro: the pinned test data has no defect masks: not gated"))
     checks.append(_within_budget(_number(candidate, "ms_per_image"), cfg.latency_budget_ms))
     return Decision(all(ok for ok, _ in checks), [reason for _, reason in checks])
 
@@ -108,7 +114,8 @@ def _champion_metrics(model_name: str, champion: dict[str, Any], eval_data_hash:
     if reevaluate is None:
         return None, [note + ": no re-evaluation available, the two cannot be compared: fail"], False
     logger.info("%s: re-evaluating the champion on the pinned data", note)
-    metrics = {k: _number(dict(reevaluate(champion)), k) for k in GATED_METRICS}
+    measured = dict(reevaluate(champion))
+    metrics = {k: _number(measured, k) for k in GATED_METRICS}
     return metrics, [note + ": champion re-evaluated on the candidate's pinned data"], True
 
 

@@ -28,7 +28,9 @@ import boto3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from s3transfer.exceptions import RetriesExceededError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1024 * 1024
 _DENIED = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+_UNREACHABLE = (BotoConnectionError, HTTPClientError, RetriesExceededError)  # refused, timeouts, resets
 
 
 class StorageError(RuntimeError):
@@ -124,7 +127,7 @@ class ObjectStore:
         chunk = max(5 * _CHUNK, min(16 * _CHUNK, multipart_threshold))
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=chunk,
                                         max_concurrency=4)
-        config = Config(retries={"mode": "standard", "max_attempts": max_attempts},
+        config = Config(retries={"mode": "standard", "total_max_attempts": max_attempts},  # incl. the first
                         connect_timeout=connect_timeout, read_timeout=read_timeout,
                         signature_version="s3v4", s3={"addressing_style": "path"})
         self._client = boto3.session.Session().client(
@@ -164,7 +167,7 @@ class ObjectStore:
             if code in _MISSING:
                 return ObjectNotFoundError(self.endpoint_url, bucket, key, f"{action}: no such key")
             return StorageError(self.endpoint_url, bucket, key, f"{action}: server error {code} (HTTP {status})")
-        if isinstance(exc, BotoCoreError):
+        if isinstance(exc, _UNREACHABLE):
             return EndpointUnreachableError(self.endpoint_url, bucket, key,
                                             f"{action}: endpoint unreachable ({type(exc).__name__})")
         return StorageError(self.endpoint_url, bucket, key, f"{action}: {type(exc).__name__}")
@@ -172,7 +175,7 @@ class ObjectStore:
     def _call(self, action: str, bucket: str, key: str, fn, /, **kwargs):
         try:
             return fn(**kwargs)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, RetriesExceededError) as exc:
             err = self._error(exc, bucket, key, action)
         if isinstance(err, ObjectNotFoundError) and not self._bucket_exists(bucket, key):
             err = BucketNotFoundError(self.endpoint_url, bucket, key, f"{action}: bucket does not exist")
@@ -182,7 +185,7 @@ class ObjectStore:
         try:
             self._client.head_bucket(Bucket=bucket)
             return True
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, RetriesExceededError) as exc:
             err = self._error(exc, bucket, key, "head bucket")
         if isinstance(err, ObjectNotFoundError):
             return False
@@ -237,7 +240,7 @@ class ObjectStore:
             try:
                 self._client.upload_file(str(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}},
                                          Config=self._transfer)
-            except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+            except (ClientError, BotoCoreError, RetriesExceededError, S3UploadFailedError) as exc:
                 cause = exc.__context__ if isinstance(exc, S3UploadFailedError) else exc
                 raise self._error(cause or exc, self.bucket, key, "upload") from None
             logger.info("uploaded %s (%d bytes)", self._uri(key), size)
@@ -281,7 +284,7 @@ class ObjectStore:
         response = self._call("download", bucket, key, self._client.get_object, Bucket=bucket, Key=key)
         try:
             data = response["Body"].read()
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, RetriesExceededError) as exc:
             raise self._error(exc, bucket, key, "download") from None
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256:
@@ -356,7 +359,7 @@ class ObjectStore:
         try:
             for chunk in response["Body"].iter_chunks(_CHUNK):
                 digest.update(chunk)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, RetriesExceededError) as exc:
             raise self._error(exc, bucket, key, "verify") from None
         return digest.hexdigest() == expected_sha256
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -102,21 +103,37 @@ def _dvc(repo: Path, *args: str, timeout: float = 600) -> str:
 
 # ------------------------------------------------------------------------------------------------ code
 
-def git_commit(path: str | Path | None = None) -> str:
-    """`git rev-parse HEAD` of the checkout holding `path` (default: DEFECTOPS_CODE_DIR, else this project's
-    folder); "none" with a warning when it is not a git checkout or has no commit yet."""
-    folder = Path(path or os.environ.get("DEFECTOPS_CODE_DIR") or Path(__file__).resolve().parents[1])
+def code_dir(path: str | Path | None = None) -> Path:
+    """The code checkout whose commit is recorded: `path`, else DEFECTOPS_CODE_DIR, else this project."""
+    return Path(path or os.environ.get("DEFECTOPS_CODE_DIR") or Path(__file__).resolve().parents[1])
+
+
+def _git_out(folder: Path, *args: str) -> tuple[int, str]:
     try:
-        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "--verify", "-q", "HEAD"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        logger.warning("git commit of %s unknown (%s): recorded as %r", folder, exc, NO_COMMIT)
-        return NO_COMMIT
-    commit = out.stdout.strip()
-    if out.returncode != 0 or not commit:
+        return -1, str(exc)
+    return out.returncode, out.stdout.strip()
+
+
+def git_commit(path: str | Path | None = None) -> str:
+    """`git rev-parse HEAD` of the code checkout (see `code_dir`); "none" with a warning when it is not a
+    git checkout or has no commit yet."""
+    folder = code_dir(path)
+    rc, commit = _git_out(folder, "rev-parse", "--verify", "-q", "HEAD")
+    if rc != 0 or not commit:
         logger.warning("%s is not a git checkout with a commit: git commit recorded as %r", folder, NO_COMMIT)
         return NO_COMMIT
     return commit
+
+
+def git_dirty(path: str | Path | None = None) -> str:
+    """"true" when the code checkout has uncommitted changes to tracked files, "false", or "unknown"."""
+    folder = code_dir(path)
+    if _git_out(folder, "rev-parse", "--verify", "-q", "HEAD")[0] != 0:
+        return "unknown"
+    rc, out = _git_out(folder, "status", "--porcelain", "--untracked-files=no")
+    return "unknown" if rc != 0 else ("true" if out else "false")
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -172,6 +189,20 @@ def _commit_if_staged(repo: Path, message: str) -> bool:
 def _has_head(repo: Path) -> bool:
     return subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=repo,
                           capture_output=True).returncode == 0
+
+
+def push(registry: Path, target: str, attempts: int = 2, delay_s: float = 3.0) -> None:
+    """`dvc push` of one .dvc file to the `store` remote; the network step, so retried once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            _dvc(registry, "push", "-q", "-r", REMOTE, target, timeout=900)
+            return
+        except VersioningError as exc:
+            if attempt == attempts:
+                raise
+            logger.warning("dvc push failed (attempt %d of %d), retrying in %.0f s: %s", attempt, attempts,
+                           delay_s, exc)
+            time.sleep(delay_s)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -230,7 +261,7 @@ def version_line(line: str, source: Path, registry: Path, max_train_images: int 
         _git(registry, "add", f"lines/{line}.dvc", "lines/.gitignore")
         _commit_if_staged(registry, f"data: {line} {out['md5']}")
         commit = _git(registry, "rev-parse", "HEAD").strip()
-        _dvc(registry, "push", "-q", "-r", REMOTE, f"lines/{line}.dvc", timeout=900)
+        push(registry, f"lines/{line}.dvc")
     logger.info("versioned %s: %d files, %s pushed to %s", line, n, out["md5"], remote_path(bucket, out["md5"]))
     return DataVersion(line=line, path=str(workspace), dvc_file=str(dvc_file), dvc_md5=str(out["md5"]),
                        remote_path=remote_path(bucket, str(out["md5"])), registry_commit=commit,

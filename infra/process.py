@@ -156,19 +156,24 @@ def _has_other_members(pgid: int) -> bool:
     return False
 
 
-def stop_group(pid: int, *, term_timeout_s: float = 15.0, kill_timeout_s: float = 5.0) -> bool:
-    """SIGTERM the process group led by ``pid``, wait, then SIGKILL it. True if it had to be killed."""
+def stop_group(pid: int, *, term_timeout_s: float = 15.0, kill_timeout_s: float = 5.0) -> str:
+    """SIGTERM the process group led by ``pid``, wait, then SIGKILL it.
+
+    Returns ``"gone"`` (nothing left to signal), ``"terminated"`` or ``"killed"``.
+    """
+    outcome = "gone"
     for sig, timeout in ((signal.SIGTERM, term_timeout_s), (signal.SIGKILL, kill_timeout_s)):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
-            return sig == signal.SIGKILL
+            return outcome
+        outcome = "terminated" if sig == signal.SIGTERM else "killed"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not _group_alive(pid):
-                return sig == signal.SIGKILL
+                return outcome
             time.sleep(0.05)
-    return True
+    return outcome
 
 
 def http_ok(url: str, *, timeout_s: float = 2.0) -> bool:

@@ -15,7 +15,6 @@ production runs the same three from ``infra/compose.yaml``.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -26,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra import process
+from infra import pidfile, process
 from infra.credentials import ACCESS_KEY_ENV, SECRET_KEY_ENV, Credentials, load_or_create, write_private_json
 from infra.process import PortInUseError
 
@@ -42,7 +41,6 @@ OFFLINE_ENV: Mapping[str, str] = {
     "DVC_NO_ANALYTICS": "1",
     "HF_HUB_OFFLINE": "1",
 }
-PIDS_FILE = "pids.json"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SEAWEED_PORTS = ("s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                   "filer.port", "filer.port.grpc")
@@ -221,39 +219,6 @@ def _public_url(cfg: ServicesConfig, name: str) -> str:
     return _url(cfg, port) + ("/api" if name == PREFECT else "")
 
 
-# ---------------------------------------------------------------- pid records
-
-
-def _read_records(root: Path) -> dict[str, dict]:
-    path = root / PIDS_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError:
-        logger.warning("%s is not valid JSON; ignoring it", path)
-        return {}
-
-
-def _write_records(root: Path, records: Mapping[str, dict]) -> None:
-    path = root / PIDS_FILE
-    if not records:
-        path.unlink(missing_ok=True)
-        return
-    tmp = path.with_name(f".{PIDS_FILE}.tmp")
-    tmp.write_text(json.dumps(records, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _record(spec: ServiceSpec, pid: int) -> dict:
-    return {"pid": pid, "start_time": process.start_time(pid), "port": spec.port, "url": spec.url,
-            "health_url": spec.health_url, "log": str(spec.log_file), "extra_ports": dict(spec.extra_ports)}
-
-
-def _running(record: Mapping | None) -> bool:
-    return bool(record) and process.is_alive(record["pid"], record.get("start_time"))
-
-
 # ---------------------------------------------------------------- start / stop / status
 
 
@@ -319,10 +284,14 @@ def _ensure_bucket(cfg: ServicesConfig, creds: Credentials, deadline: float) -> 
 def start(cfg: ServicesConfig) -> ServiceState:
     """Start the services named in ``cfg.services`` (plus dependencies); reuse those already healthy."""
     root = cfg.root.resolve()
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with pidfile.locked(root):
+        return _start(cfg, root)
+
+
+def _start(cfg: ServicesConfig, root: Path) -> ServiceState:
     creds = load_or_create(root, cfg.access_key, cfg.secret_key)
     names = _with_dependencies(cfg.services)
-    records = {k: v for k, v in _read_records(root).items() if _running(v)}
+    records = {k: v for k, v in pidfile.read_records(root).items() if pidfile.running(v)}
     _check_reused_ports(cfg, records)
     launched: dict[str, tuple[ServiceSpec, object, float]] = {}
     try:
@@ -331,8 +300,9 @@ def start(cfg: ServicesConfig) -> ServiceState:
                 spec = _prepare(cfg, name, root, creds)
                 proc = process.launch(spec.argv, env=spec.env, cwd=spec.cwd, log_file=spec.log_file)
                 launched[name] = (spec, proc, time.monotonic())
-                records[name] = _record(spec, proc.pid)
-                _write_records(root, records)
+                records[name] = pidfile.make_record(proc.pid, spec.port, spec.url, spec.health_url, spec.log_file,
+                                                    spec.extra_ports)
+                pidfile.write_records(root, records)
                 logger.info("%s: started pid %d, log %s", name, proc.pid, spec.log_file)
         startup = {}
         for name in names:
@@ -368,26 +338,29 @@ def _state(cfg, root, creds, records, launched, startup) -> ServiceState:
 
 
 def _stop_records(root: Path, to_stop: Mapping[str, dict]) -> list[str]:
-    records = _read_records(root)
+    records = pidfile.read_records(root)
     stopped = []
     for name in reversed(ALL_SERVICES):
         rec = to_stop.get(name)
         if rec is None:
             continue
-        if _running(rec) or process.start_time(rec["pid"]) is None:  # leader gone: orphans may remain
-            if process.stop_group(rec["pid"]):
+        if pidfile.running(rec) or process.start_time(rec["pid"]) is None:  # leader gone: orphans may remain
+            outcome = process.stop_group(rec["pid"])
+            if outcome == "killed":
                 logger.warning("%s: pid %d ignored SIGTERM and was killed", name, rec["pid"])
-            stopped.append(name)
+            if outcome != "gone":
+                stopped.append(name)
         if name == SEAWEEDFS:
             _remove_seaweed_sockets(rec)
         records.pop(name, None)
-    _write_records(root, records)
+    pidfile.write_records(root, records)
     return stopped
 
 
 def _remove_seaweed_sockets(rec: Mapping) -> None:
     # weed puts its gRPC sockets in /tmp whatever TMPDIR says, and leaves some behind on SIGTERM.
-    for port in rec.get("extra_ports", {}).values():
+    ports = list(rec.get("extra_ports", {}).values())
+    for port in [*ports, *(p + 10000 for p in ports)]:
         for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
             if sock.is_socket() and sock.stat().st_uid == os.getuid():
                 sock.unlink(missing_ok=True)
@@ -396,17 +369,20 @@ def _remove_seaweed_sockets(rec: Mapping) -> None:
 def stop(cfg: ServicesConfig) -> list[str]:
     """Stop the services in ``cfg.services`` that ``root/pids.json`` lists; return the names stopped."""
     root = cfg.root.resolve()
-    records = _read_records(root)
-    return _stop_records(root, {n: records[n] for n in cfg.services if n in records})
+    if not root.is_dir():
+        return []
+    with pidfile.locked(root):
+        records = pidfile.read_records(root)
+        return _stop_records(root, {n: records[n] for n in cfg.services if n in records})
 
 
 def status(cfg: ServicesConfig) -> list[ServiceStatus]:
     """Pid alive and health for each service in ``cfg.services``."""
-    records = _read_records(cfg.root.resolve())
+    records = pidfile.read_records(cfg.root.resolve())
     result = []
     for name in cfg.services:
         rec = records.get(name)
-        alive = _running(rec)
+        alive = pidfile.running(rec)
         healthy = alive and process.http_ok(rec["health_url"])
         url = rec["url"] if rec else _public_url(cfg, name)
         result.append(ServiceStatus(name, rec["pid"] if rec else None, alive, healthy, url))

@@ -169,6 +169,9 @@ class PatchCore(BaseDetector):
         k = min(self.params.num_neighbors, len(self.memory_bank_))
         m_star = self.memory_bank_[nn_idx[np.arange(len(dist)), worst]]
         _, support = knn.knn_distances(self.index_, m_star, k=k)
+        # approximate (IVF) indexes return -1 where the probed lists hold fewer than k entries: the first
+        # neighbour of m* is m* itself, so pad with it (a weight of 1 / k for each missing neighbour)
+        support = np.where(support < 0, support[:, :1], support)
         test_patch = emb[np.arange(len(dist)), worst]
         support_dist = np.linalg.norm(self.memory_bank_[support] - test_patch[:, None, :], axis=-1)
         weights = 1.0 - torch.softmax(torch.from_numpy(support_dist), dim=1)[:, 0].numpy()

@@ -1,0 +1,171 @@
+"""Build Dinomaly's frozen encoder with its weights, and rebuild it from a saved model.
+
+ViT (the paper's encoder, e.g. vit_base_patch14_reg4_dinov2): weights from `vit_weights_file` (timm or
+original DINOv2 key names, safetensors or a .pth read with weights_only; converted by timm's own
+checkpoint filter, position embedding resampled), from the hub only when `backbone.allow_network`, or
+seeded random (tests). CNN variant: the offline ImageNet CNN of the `backbone` section
+(components.backbones), its `cnn_layers` stages as token layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from components.backbones import (
+    RANDOM_INIT_SEED,
+    FeatureExtractor,
+    WeightsError,
+    WeightsInfo,
+    build_extractor,
+    read_state_dict,
+    sha256_of,
+)
+from components.config import BackboneConfig
+from components.dinomaly.config import DinomalyConfig
+from components.dinomaly.model import CNNTokenEncoder, ViTEncoder
+
+logger = logging.getLogger(__name__)
+Encoder = ViTEncoder | CNNTokenEncoder
+
+
+def build_encoder(params: DinomalyConfig, backbone: BackboneConfig) -> tuple[Encoder, WeightsInfo]:
+    """The frozen, eval-mode encoder named by `params.encoder`, and where its weights came from."""
+    if params.encoder == "cnn-variant":
+        extractor, info = build_extractor(backbone.model_copy(update={"layers": tuple(params.cnn_layers)}))
+        encoder = CNNTokenEncoder(extractor, params.cnn_token_level, params.cnn_normalize_levels)
+        logger.info("dinomaly encoder: cnn-variant (%s stages %s, NOT the paper's ViT encoder)",
+                    backbone.name, list(params.cnn_layers))
+    else:
+        vit, info = _vit_with_weights(params, backbone.allow_network)
+        encoder = _wrap_vit(vit, params.target_layers)
+        logger.info("dinomaly encoder: %s layers %s from %s (%s…)", params.vit_name, list(params.target_layers),
+                    info.source, info.sha256[:12])
+    return encoder.eval(), info
+
+
+def encoder_description(encoder: Encoder, params: DinomalyConfig, backbone: BackboneConfig,
+                        info: WeightsInfo) -> dict:
+    """JSON metadata from which `rebuild_encoder` recreates the architecture (weights come from the state)."""
+    common = {"kind": encoder.kind, "weights_source": info.source, "weights_location": info.location,
+              "weights_sha256": info.sha256, "embed_dim": encoder.embed_dim}
+    if isinstance(encoder, ViTEncoder):
+        return {**common, "name": params.vit_name, "layers": list(encoder.layers),
+                "mean": encoder.mean.flatten().tolist(), "std": encoder.std.flatten().tolist()}
+    return {**common, "name": backbone.name, "layers": list(params.cnn_layers),
+            "token_level": encoder.token_level, "normalize": encoder.normalize,
+            "mean": encoder.extractor.mean.flatten().tolist(), "std": encoder.extractor.std.flatten().tolist()}
+
+
+def encoder_state(encoder: Encoder) -> dict[str, torch.Tensor]:
+    """The frozen weights to save (the ViT pruned after its last target layer, or the CNN body)."""
+    module = encoder.vit if isinstance(encoder, ViTEncoder) else encoder.extractor.body
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def rebuild_encoder(desc: dict, state: dict[str, torch.Tensor], origin: Path) -> Encoder:
+    """Inverse of encoder_description + encoder_state; every tensor must fit (strict load)."""
+    try:
+        if desc["kind"] == "vit":
+            vit = _create_vit(desc["name"])
+            vit.prune_intermediate_layers(indices=list(desc["layers"]), prune_norm=True, prune_head=True)
+            vit.load_state_dict(state, strict=True)
+            encoder = ViTEncoder(vit, tuple(desc["layers"]), tuple(desc["mean"]), tuple(desc["std"]))
+        else:
+            body = timm.create_model(desc["name"], pretrained=False, features_only=True,
+                                     out_indices=tuple(desc["layers"]))
+            body.load_state_dict(state, strict=True)
+            extractor = FeatureExtractor(body, tuple(desc["mean"]), tuple(desc["std"]))
+            encoder = CNNTokenEncoder(extractor, int(desc["token_level"]), bool(desc["normalize"]))
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise WeightsError(f"{origin}: cannot rebuild the dinomaly encoder ({type(exc).__name__}: {exc})") from None
+    for param in encoder.parameters():
+        param.requires_grad_(False)
+    return encoder.eval()
+
+
+# -------------------------------------------------------------------------------------------- ViT
+def _create_vit(name: str, pretrained: bool = False) -> nn.Module:
+    if not pretrained and not timm.is_model(name):
+        raise WeightsError(f"unknown ViT {name!r}: not a timm model name (e.g. vit_base_patch14_reg4_dinov2)")
+    return timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, num_classes=0)
+
+
+def _wrap_vit(vit: nn.Module, layers: tuple[int, ...]) -> ViTEncoder:
+    if not hasattr(vit, "forward_intermediates") or not hasattr(vit, "blocks"):
+        raise WeightsError(f"{type(vit).__name__} is not a timm VisionTransformer")
+    if max(layers) >= len(vit.blocks):
+        raise WeightsError(f"target_layers {list(layers)} exceed the ViT's {len(vit.blocks)} blocks")
+    vit.prune_intermediate_layers(indices=list(layers), prune_norm=True, prune_head=True)
+    mean, std = _vit_normalisation(vit)
+    encoder = ViTEncoder(vit, tuple(layers), mean, std)
+    for param in encoder.parameters():
+        param.requires_grad_(False)
+    return encoder
+
+
+def _vit_normalisation(vit: nn.Module) -> tuple[tuple, tuple]:
+    cfg = getattr(vit, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def _vit_with_weights(params: DinomalyConfig, allow_network: bool) -> tuple[nn.Module, WeightsInfo]:
+    source = params.vit_weights
+    if source == "auto":
+        source = "file" if params.vit_weights_file is not None else ("hub" if allow_network else None)
+    if source is None:
+        raise WeightsError(
+            f"no offline weights for {params.vit_name!r}: give detector.dinomaly.vit_weights_file (DINOv2 "
+            "checkpoint, timm or original key names), set backbone.allow_network=true to use the hub, or use "
+            "detector.dinomaly.encoder=cnn-variant with a packaged CNN")
+    if source == "hub":
+        if not allow_network:
+            raise WeightsError(f"vit_weights: hub for {params.vit_name!r} needs backbone.allow_network=true")
+        os.environ.pop("HF_HUB_OFFLINE", None)
+        vit = _create_vit(params.vit_name, pretrained=True)
+        return vit, WeightsInfo("hub", f"timm:{params.vit_name}", _state_digest(vit))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        vit = _create_vit(params.vit_name)
+    if source == "random":
+        return vit, WeightsInfo("random", "random-init", _state_digest(vit))
+    path = Path(params.vit_weights_file)
+    # pruned first: a file needs only the blocks up to the last target layer (e.g. a saved encoder)
+    vit.prune_intermediate_layers(indices=list(params.target_layers), prune_norm=True, prune_head=True)
+    _load_vit_file(vit, path)
+    return vit, WeightsInfo("file", str(path), sha256_of(path))
+
+
+def _load_vit_file(vit: nn.Module, path: Path) -> None:
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = read_state_dict(path)
+    try:
+        state = checkpoint_filter_fn(state, vit)
+    except Exception as exc:  # timm's converter raises assorted errors on foreign checkpoints
+        raise WeightsError(f"{path}: not a ViT checkpoint timm can convert ({type(exc).__name__}: {exc})") from None
+    own = vit.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise WeightsError(f"{path}: lacks {len(missing)} ViT tensors, e.g. {missing[:3]}")
+    for key in own:
+        if state[key].shape != own[key].shape:
+            raise WeightsError(f"{path}: {key} {tuple(state[key].shape)} != {tuple(own[key].shape)}")
+    unused = sorted(set(state) - set(own))
+    if unused:
+        logger.info("%s: %d tensors not used by the encoder (e.g. %s)", path, len(unused), unused[:3])
+    vit.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def _state_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

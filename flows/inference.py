@@ -1,0 +1,149 @@
+"""The inference flow: batch scoring with a line's `@champion`.
+
+The champion's model directory is fetched from the object store (every sha256 verified), the images are
+scored, and predictions.csv, predictions.json and one heatmap overlay per image go to the object store under
+``inference/<line>/<UTC timestamp>-<flow run id>/`` (content-addressed files plus a manifest). Counts and
+the score distribution are logged to an MLflow run in ``defectops/<line>`` tagged ``kind=inference``.
+
+    result = inference("cookie", ["incoming/"], "params.yaml")
+    result["results_uri"], result["counts"]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from prefect import flow, runtime, task
+from prefect.cache_policies import NO_CACHE
+
+from components.config import load_config
+from components.data import IMAGE_EXTENSIONS, DataError, Sample, iter_batches
+from components.detector import load_detector
+from components.report import overlay, save_png
+from components.training import preprocess_for, to_uint8_image
+from flows import tracking
+from flows.retrain import model_name, object_store, retry_on_network_error
+
+DEFECTIVE, GOOD, UNDECIDED = "defective", "good", "n/a"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def expand_images(paths: list[str]) -> list[Path]:
+    """Files as given, folders searched recursively for image files (sorted); DataError for a bad path."""
+    out: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                raise DataError(path, "folder holds no image files")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise DataError(path, "no such file or folder")
+    if not out:
+        raise DataError(Path("."), "no images given to score")
+    return out
+
+
+def _unique_names(files: list[Path]) -> list[str]:
+    """Object-key-safe stems ([A-Za-z0-9._-]), made unique with -1, -2... suffixes."""
+    seen: dict[str, int] = {}
+    names = []
+    for f in files:
+        stem = _UNSAFE.sub("_", f.stem).strip("._") or "image"
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        names.append(stem if n == 0 else f"{stem}-{n}")
+    return names
+
+
+def score_distribution(scores: np.ndarray) -> dict[str, float]:
+    """Summary of image scores (N,): mean, std, min, p50, p95, max."""
+    if scores.size == 0:
+        return {}
+    return {"score_mean": float(scores.mean()), "score_std": float(scores.std()), "score_min": float(scores.min()),
+            "score_p50": float(np.percentile(scores, 50)), "score_p95": float(np.percentile(scores, 95)),
+            "score_max": float(scores.max())}
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_network_error)
+def fetch_champion(name: str, dest: str) -> dict:
+    """Download the champion's model directory (sha256 verified); returns its version info."""
+    _, info = tracking.load_champion(name, Path(dest))
+    return {k: info[k] for k in ("name", "version", "run_id", "tags")}
+
+
+@task(cache_policy=NO_CACHE)
+def score_images(model_dir: str, images: list[str], out_dir: str) -> dict:
+    """Score every image; write predictions.csv/json and overlays/<name>_overlay.png to `out_dir`."""
+    detector = load_detector(model_dir)
+    files = expand_images(images)
+    names, data, threshold = _unique_names(files), detector.cfg.data, detector.threshold_
+    out = Path(out_dir)
+    rows: list[dict] = []
+    samples = [Sample(p, "unknown", -1, None) for p in files]
+    for batch in iter_batches(samples, preprocess_for(data), data.batch_size, max_pixels=data.max_image_pixels):
+        scores = detector.score(batch.images)
+        for i, sample in enumerate(batch.samples):
+            name, score = names[len(rows)], float(scores.image_scores[i])
+            decision = UNDECIDED if threshold is None else (DEFECTIVE if score > threshold.image else GOOD)
+            save_png(overlay(to_uint8_image(batch.images[i]), scores.anomaly_maps[i],
+                             threshold.pixel if threshold is not None else None),
+                     out / "overlays" / f"{name}_overlay.png")
+            rows.append({"image": str(sample.path), "score": score, "decision": decision,
+                         "overlay": f"overlays/{name}_overlay.png"})
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "score", "decision", "overlay"])
+        writer.writeheader()
+        writer.writerows(rows)
+    payload = {"threshold": threshold.to_dict() if threshold is not None else None, "predictions": rows}
+    (out / "predictions.json").write_text(json.dumps(payload, indent=2))
+    counts = {"n_images": len(rows), **{f"n_{d}": sum(r["decision"] == d for r in rows) for d in (DEFECTIVE, GOOD)}}
+    return {"counts": counts, "distribution": score_distribution(np.array([r["score"] for r in rows])),
+            "predictions": rows}
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_network_error)
+def upload_results(out_dir: str, prefix: str) -> dict:
+    obj = object_store().put_dir(Path(out_dir), prefix)
+    return {"uri": obj.uri, "sha256": obj.sha256}
+
+
+# ------------------------------------------------------------------------------------------------ flow
+
+@flow(name="inference", flow_run_name="inference-{product_line}")
+def inference(product_line: str, images: list[str], params_path: str = "params.yaml") -> dict:
+    """Score `images` (files or folders) with `defectops-<line>@champion`; results to the object store."""
+    cfg = load_config(params_path)
+    root = cfg.services.root.resolve()
+    tracking.configure(root=root)
+    name = model_name(product_line)
+    flow_run_id = str(runtime.flow_run.id or "local")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    work = root / "work" / f"inference-{stamp}-{flow_run_id}"
+    try:
+        champion = fetch_champion(name, str(work / "model"))
+        scored = score_images(str(work / "model"), [str(p) for p in images], str(work / "results"))
+        results = upload_results(str(work / "results"), f"inference/{product_line}/{stamp}-{flow_run_id}")
+        run_id = tracking.start_run(product_line, f"inference-{stamp}", {
+            "kind": "inference", "flow_run_id": flow_run_id, "model_name": name,
+            "model_version": champion["version"], "bank_sha256": champion["tags"].get("bank_sha256", ""),
+            "results_uri": results["uri"], "results_sha256": results["sha256"]})
+        tracking.log_metrics(run_id, {**scored["counts"], **scored["distribution"]})
+        tracking.log_dict(run_id, {"scores": [r["score"] for r in scored["predictions"]]}, "scores.json")
+        tracking.end_run(run_id)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"line": product_line, "model_name": name, "version": champion["version"], "run_id": run_id,
+            "results_uri": results["uri"], "results_sha256": results["sha256"], "counts": scored["counts"],
+            "distribution": scored["distribution"], "predictions": scored["predictions"]}

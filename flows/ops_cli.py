@@ -1,0 +1,384 @@
+"""The pipeline commands of `defectops`: up, down, status, retrain, retrain-all, inference, serve, lineage,
+demo and prepare (the DVC `prepare` stage). flows/cli.py calls `register(app)`.
+
+Clients find the services in this order: DEFECTOPS_S3_ENDPOINT / MLFLOW_TRACKING_URI / PREFECT_API_URL
+already in the environment (production services, configured by environment alone), else the local services
+that `defectops up` started under `services.root`. Nothing heavy (prefect, mlflow, torch) is imported until
+a command runs. Keys are never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from components.config import Config, ConfigError, load_config
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="params.yaml (default: ./params.yaml if present)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a parameter: key.path=value")]
+DEMO_CHANGE = "detector.patchcore.coreset_ratio=0.02"
+
+
+class ServicesDown(RuntimeError):
+    """The local services are not running and no remote ones are configured."""
+
+
+def _params_path(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    if Path("params.yaml").is_file():
+        return Path("params.yaml")
+    raise ConfigError("no params.yaml in the working directory: pass --config PATH")
+
+
+def services_config(cfg: Config):
+    """components.config.ServicesConfig -> infra.services.ServicesConfig (keys from the environment)."""
+    from infra.services import ServicesConfig
+
+    s = cfg.services
+    return ServicesConfig(root=s.root, host=s.host, s3_port=s.s3_port, mlflow_port=s.mlflow_port,
+                          prefect_port=s.prefect_port, bucket=s.bucket, start_timeout_s=s.start_timeout_s)
+
+
+def client_env(cfg: Config) -> dict[str, str]:
+    """Environment for flows: empty when DEFECTOPS_S3_ENDPOINT is already set (remote services), else the
+    endpoints and keys of the local services, which must be running (`defectops up`)."""
+    if os.environ.get("DEFECTOPS_S3_ENDPOINT"):
+        return {}
+    from infra.services import env_for_clients, start, status
+
+    scfg = services_config(cfg)
+    down = [s.name for s in status(scfg) if not s.healthy]
+    if down:
+        raise ServicesDown(f"{', '.join(down)} not running under {scfg.root.resolve()}: run `defectops up` first "
+                           "(or set DEFECTOPS_S3_ENDPOINT, MLFLOW_TRACKING_URI and PREFECT_API_URL)")
+    return env_for_clients(start(scfg))  # all healthy: start() only reuses them
+
+
+@contextmanager
+def client_session(cfg: Config, env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """Set the client environment, a private TMPDIR (Prefect's runner storage, Dask scratch) and a DVC
+    site cache under services.root, and point Prefect at PREFECT_API_URL even if it was imported before."""
+    env = client_env(cfg) if env is None else env
+    root = cfg.services.root.resolve()
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"client-{os.getpid()}-", dir=root / "tmp"))
+    extra = {"TMPDIR": str(tmp), "DVC_SITE_CACHE_DIR": str(root / "tmp" / "dvc-site"), "DVC_NO_ANALYTICS": "1",
+             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60"}
+    saved = {k: os.environ.get(k) for k in [*env, *extra]}
+    os.environ.update(env)
+    for key, value in extra.items():
+        if key == "TMPDIR" or key not in os.environ:
+            os.environ[key] = value
+    tempfile.tempdir = None
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = os.environ.get("PREFECT_API_URL")
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api} if api else {}):
+            try:
+                yield env
+            finally:
+                drain_prefect()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        tempfile.tempdir = None
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def drain_prefect(timeout: float = 15.0) -> None:
+    """Send Prefect's queued logs and events now, while the server is still up (at interpreter exit they
+    would be retried against a stopped server for minutes)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - best effort: losing a log line must not fail a run
+            err_console.print(f"warning: could not flush Prefect {worker.__name__}: {exc}", highlight=False)
+
+
+def _ui(state) -> dict[str, str]:
+    return {"MLflow UI": state.mlflow_uri or "-",
+            "Prefect UI": (state.prefect_api_url or "-").removesuffix("/api"),
+            "object store (S3)": f"{state.s3_endpoint} bucket {state.bucket}"}
+
+
+def _pipeline_errors():
+    from flows.lineage import LineageError
+    from flows.retrain import RetrainError
+    from flows.storage import StorageError
+    from flows.tracking import RegistryError
+    from flows.versioning import VersioningError
+    from infra.services import PortInUseError, ServiceStartError
+
+    return (RetrainError, StorageError, RegistryError, LineageError, VersioningError, ServiceStartError,
+            PortInUseError, ServicesDown)
+
+
+@contextmanager
+def clear_errors() -> Iterator[None]:
+    """Pipeline failures print one line (the cause chain) and exit 1 instead of a traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if not isinstance(exc, _pipeline_errors()) or os.environ.get("DEFECTOPS_DEBUG"):
+            raise
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # SystemExit, not typer.Exit: under standalone_mode=False click returns typer.Exit's code from
+        # app() and flows.cli.main ignores that return value (it would exit 0).
+        raise SystemExit(1) from None
+
+
+# ------------------------------------------------------------------------------------------------ printing
+
+def print_retrain(result: dict) -> None:
+    table = Table(title=f"retrain {result['line']}: {result['model_name']} version {result['version']}")
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    m = result["metrics"]
+    table.add_row("decision", "PROMOTED to @champion" if result["promoted"] else "not promoted (stays @challenger)")
+    table.add_row("champion now", f"version {result['champion']}")
+    table.add_row("image AUROC / AUPRO", f"{m.get('image_auroc', float('nan')):.4f} / {m.get('aupro', float('nan')):.4f}")
+    table.add_row("ms per image", f"{m.get('ms_per_image', float('nan')):.1f}")
+    table.add_row("data (DVC)", f"{result['dvc_data_hash']}\n{result['dvc_remote_path']}")
+    table.add_row("bank", f"{result['bank_uri']}\nsha256 {result['bank_sha256']}")
+    table.add_row("git commit", result["git_commit"])
+    table.add_row("feature cache", "hit" if result["feature_cache_hit"] else "miss (features extracted)")
+    table.add_row("seconds", f"{result['seconds']:.1f}")
+    console.print(table)
+    for reason in result["reasons"]:
+        console.print(f"  - {reason}", highlight=False)
+
+
+def print_inference(result: dict) -> None:
+    counts, dist = result["counts"], result["distribution"]
+    console.print(f"inference {result['line']} with {result['model_name']} version {result['version']}: "
+                  f"{counts['n_images']} images, {counts.get('n_defective', 0)} defective, "
+                  f"{counts.get('n_good', 0)} good; score median {dist.get('score_p50', float('nan')):.4f}, "
+                  f"p95 {dist.get('score_p95', float('nan')):.4f}", highlight=False)
+    console.print(f"  results: {result['results_uri']} (sha256 {result['results_sha256'][:16]}…)", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+def write_line_params(cfg: Config, out: Path, line: str, data: Path, max_train_images: int | None,
+                      image_size: int | None) -> Path:
+    """A params file: `cfg` with `lines` replaced by the one line (and image_size when given)."""
+    raw = cfg.to_dict()
+    raw["services"]["root"] = str(cfg.services.root.resolve())
+    if image_size:
+        raw["data"]["image_size"] = [image_size, image_size]
+    raw["lines"] = {line: {"data": str(data.resolve()), "cron": "0 3 * * *", "max_train_images": max_train_images}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_config(out)  # fail here, not in the flow, if something does not validate
+    return out
+
+
+def run_demo(cfg: Config, data: Path | None = None, change: str = DEMO_CHANGE, image_size: int = 128,
+             max_train: int | None = None, stop_after: bool = False) -> dict:
+    """Start the services, build (or take) a line, retrain twice, run inference, return the lineage."""
+    from flows.demo_data import DemoSpec, build_demo_line
+    from infra.services import env_for_clients, start, stop
+
+    t0 = time.perf_counter()
+    root = cfg.services.root.resolve()
+    state = start(services_config(cfg))
+    console.print(f"services up in {time.perf_counter() - t0:.1f} s: " + ", ".join(f"{k} {v}" for k, v in _ui(state).items()),
+                  highlight=False)
+    if data is None:
+        line, source = "demo", build_demo_line(root / "demo" / "line", DemoSpec())
+    else:
+        line, source = re.sub(r"[^A-Za-z0-9._-]+", "-", data.resolve().name).strip("-._") or "line", data
+    params = write_line_params(cfg, root / "demo" / "params.yaml", line, source, max_train, image_size)
+    timings: dict[str, float] = {}
+    try:
+        with client_session(cfg, env_for_clients(state)):
+            from flows.inference import inference
+            from flows.lineage import lineage, render
+            from flows.retrain import model_name, retrain
+            from flows.storage import ObjectStore
+
+            for i, overrides in enumerate(([], [change]), start=1):
+                console.rule(f"retrain {i} of 2" + (f" with {change}" if overrides else ""))
+                t = time.perf_counter()
+                print_retrain(retrain(line, str(params), overrides))
+                timings[f"retrain_{i}_s"] = time.perf_counter() - t
+            console.rule("inference with @champion")
+            t = time.perf_counter()
+            print_inference(inference(line, [str(Path(source) / "test")], str(params)))
+            timings["inference_s"] = time.perf_counter() - t
+            console.rule("lineage of @champion")
+            info = lineage(model_name(line), "@champion", ObjectStore.from_env())
+            console.print(render(info), highlight=False, soft_wrap=True)
+    finally:
+        if stop_after:
+            stop(services_config(cfg))
+    timings["total_s"] = time.perf_counter() - t0
+    console.rule("done")
+    for key, value in _ui(state).items():
+        console.print(f"{key:18} {value}", highlight=False)
+    console.print(f"demo finished in {timings['total_s']:.0f} s"
+                  + ("; services stopped" if stop_after else "; stop the services with `defectops down`"))
+    return {"line": line, "params": str(params), "lineage": info, "timings": timings}
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per command
+    @app.command()
+    def up(config: ConfigOpt = None) -> None:
+        """Start the local object store, MLflow server and Prefect server (reusing healthy ones)."""
+        from infra.services import start
+
+        cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))
+        with clear_errors():
+            state = start(services_config(cfg))
+        for name, seconds in state.startup_s.items():
+            console.print(f"{name} started in {seconds:.1f} s")
+        for key, value in _ui(state).items():
+            console.print(f"{key:18} {value}", highlight=False)
+
+    @app.command()
+    def down(config: ConfigOpt = None) -> None:
+        """Stop the local services started by `defectops up`."""
+        from infra.services import stop
+
+        cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))
+        console.print("stopped: " + (", ".join(stop(services_config(cfg))) or "nothing was running"))
+
+    @app.command()
+    def status(config: ConfigOpt = None) -> None:
+        """Show whether each local service is alive and healthy."""
+        from infra.services import status as service_status
+
+        cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))
+        table = Table(title=f"services under {cfg.services.root.resolve()}")
+        for col in ("service", "pid", "alive", "healthy", "url"):
+            table.add_column(col)
+        for st in service_status(services_config(cfg)):
+            table.add_row(st.name, str(st.pid or "-"), str(st.alive), str(st.healthy), st.url)
+        console.print(table)
+
+    @app.command("retrain")
+    def retrain_cmd(line: Annotated[str, typer.Argument(help="product line in params.yaml")],
+                    config: ConfigOpt = None, set_: SetOpt = None) -> None:
+        """Retrain one line: version data, features, model, evaluate, register, promotion gate."""
+        path = _params_path(config)
+        cfg = load_config(path)
+        with clear_errors(), client_session(cfg):
+            from flows.retrain import retrain
+
+            print_retrain(retrain(line, str(path), list(set_ or [])))
+
+    @app.command("retrain-all")
+    def retrain_all_cmd(config: ConfigOpt = None,
+                        workers: Annotated[int, typer.Option(help="Dask worker processes")] = 2) -> None:
+        """Retrain every line of params.yaml in parallel on a local Dask cluster."""
+        path = _params_path(config)
+        cfg = load_config(path)
+        with clear_errors(), client_session(cfg):
+            from flows.retrain import run_retrain_all
+
+            for result in run_retrain_all(str(path), workers):
+                print_retrain(result)
+
+    @app.command("inference")
+    def inference_cmd(line: Annotated[str, typer.Argument(help="product line")],
+                      images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+                      config: ConfigOpt = None,
+                      json_out: Annotated[Path | None, typer.Option("--json", help="write the result here")] = None) -> None:
+        """Score images with the line's @champion; results go to the object store."""
+        path = _params_path(config)
+        cfg = load_config(path)
+        with clear_errors(), client_session(cfg):
+            from flows.inference import inference
+
+            result = inference(line, [str(p) for p in images], str(path))
+        print_inference(result)
+        if json_out:
+            json_out.write_text(json.dumps(result, indent=2))
+
+    @app.command()
+    def serve(config: ConfigOpt = None,
+              line: Annotated[list[str] | None, typer.Option("--line", help="only these lines")] = None) -> None:
+        """Register one cron deployment per line on the Prefect server and run them (Ctrl-C stops)."""
+        path = _params_path(config)
+        cfg = load_config(path)
+        with clear_errors(), client_session(cfg):
+            if not os.environ.get("PREFECT_API_URL"):
+                raise ServicesDown("serve needs a Prefect server: run `defectops up` or set PREFECT_API_URL")
+            from flows.schedules import serve as serve_deployments
+
+            serve_deployments(path, list(line or []) or None)
+
+    @app.command()
+    def lineage(ref: Annotated[str, typer.Argument(help="MODEL@ALIAS or MODEL/VERSION, e.g. defectops-cookie@champion")],
+                config: ConfigOpt = None,
+                json_out: Annotated[Path | None, typer.Option("--json", help="export the chain as JSON")] = None) -> None:
+        """Print the lineage of a registered version, its bank re-verified against the object store."""
+        cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))
+        with clear_errors(), client_session(cfg):
+            from flows import tracking
+            from flows.lineage import lineage as lineage_of
+            from flows.lineage import parse_model_ref, render
+            from flows.storage import ObjectStore
+
+            tracking.configure(root=cfg.services.root.resolve())
+            info = lineage_of(*parse_model_ref(ref), ObjectStore.from_env())
+        console.print(render(info), highlight=False, soft_wrap=True)
+        if json_out:
+            json_out.write_text(json.dumps(info, indent=2))
+            console.print(f"lineage written to {json_out}")
+
+    @app.command()
+    def demo(data: Annotated[Path | None, typer.Option("--data", help="a real MVTec-layout line instead of the demo")] = None,
+             config: ConfigOpt = None,
+             change: Annotated[str, typer.Option(help="the parameter changed for the second retrain")] = DEMO_CHANGE,
+             image_size: Annotated[int, typer.Option(help="square image size for the demo runs")] = 128,
+             max_train: Annotated[int | None, typer.Option(help="use the first N good train images")] = None,
+             stop: Annotated[bool, typer.Option("--stop", help="stop the services at the end")] = False) -> None:
+        """The main job: services up, a demo line, retrain twice (gate exercised), inference, lineage."""
+        cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))
+        if data is not None and max_train is None:
+            max_train = 20
+        with clear_errors():
+            run_demo(cfg, data, change, image_size, max_train, stop)
+
+    @app.command()
+    def prepare(out: Annotated[Path, typer.Option("--out", help="folder to write the line to")],
+                data: Annotated[Path | None, typer.Option("--data", help="copy this MVTec-layout line")] = None,
+                max_train: Annotated[int | None, typer.Option("--max-train", help="first N train images")] = None,
+                seed: Annotated[int, typer.Option(help="demo line seed")] = 0) -> None:
+        """DVC `prepare` stage: the demo line (or a copy of --data, first --max-train train images) in OUT."""
+        from flows.demo_data import DemoSpec, build_demo_line
+        from flows.versioning import stage_line
+
+        if data is None:
+            build_demo_line(out, DemoSpec(seed=seed))
+            console.print(f"demo line written to {out}")
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            console.print(f"{stage_line(data, out, max_train)} files of {data} copied to {out}")

@@ -1,0 +1,335 @@
+"""The retrain flow: version the data -> extract features (cached) -> build and upload the model -> evaluate
+-> register -> promotion gate. Every task logs into one MLflow run; tasks pass paths, URIs, digests and
+config dicts, never tensors. Retries are on network I/O only (DVC push, object store upload).
+
+    result = retrain("cookie", "params.yaml", ["detector.patchcore.coreset_ratio=0.05"])
+    result["version"], result["promoted"], result["reasons"]
+
+On any failure the MLflow run is ended FAILED with the failing step and the error as tags, no alias is
+moved (aliases move only inside the gate, after everything else succeeded) and the flow run fails with a
+`RetrainError` naming the line, the step and the cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, runtime, task
+from prefect.cache_policies import NO_CACHE
+from safetensors.torch import load_file, save_file
+
+from components import thresholds
+from components.config import Config, ConfigError, load_config, parse_override, set_path, validate
+from components.data import scan_line, split_calibration
+from components.detector import create_detector, load_detector
+from components.evaluation import evaluate_split
+from components.training import image_stream, score_samples
+from flows import promote, tracking, versioning
+from flows.storage import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    ChecksumError,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageError,
+    StoredObject,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_PREFIX = "models"
+
+
+class RetrainError(RuntimeError):
+    """A retrain that failed; the message names the product line, the step and the cause."""
+
+
+def model_name(line: str) -> str:
+    return f"defectops-{line}"
+
+
+def line_config(params_path: str | Path, line: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """params.yaml -> the line's config (its `overrides` applied), then the caller's `key=value` overrides."""
+    cfg = load_config(params_path).for_line(line)
+    if overrides:
+        raw = cfg.to_dict()
+        for text in overrides:
+            key, value = parse_override(text)
+            set_path(raw, key, value)
+        cfg = validate(raw, source=f"{params_path} with --set {' '.join(overrides)}")
+    return cfg
+
+
+def services_root(cfg: Config) -> Path:
+    return cfg.services.root.resolve()
+
+
+def object_store() -> ObjectStore:
+    """The object store named by the environment (DEFECTOPS_S3_ENDPOINT, DEFECTOPS_BUCKET, AWS_*)."""
+    return ObjectStore.from_env(connect_timeout=3, max_attempts=2)
+
+
+def feature_cache_key(feature_key: dict, data_hash: str, fit_files: list[str]) -> str:
+    """sha256 of what the patch embeddings depend on: backbone, weights sha256, preprocessing, the data
+    version and the exact images fitted (the calibration hold-out depends on data.seed/fraction)."""
+    payload = {"features": feature_key, "data": data_hash, "fit_files": fit_files}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fit_and_calibration(cfg: Config, data_path: str):
+    split = scan_line(data_path)
+    return split, *split_calibration(split.train, cfg.data.calibration_fraction, cfg.data.seed)
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+def retry_on_network_error(task, task_run, state) -> bool:
+    """Prefect retry condition: retry when the object store was unreachable or answered a server error,
+    never for refused credentials, a missing bucket, a checksum mismatch or a user mistake."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    if isinstance(exc, AccessDeniedError | BucketNotFoundError | ObjectNotFoundError | ChecksumError | InvalidKeyError):
+        return False
+    return isinstance(exc, StorageError | ConnectionError | TimeoutError)
+
+
+@task(cache_policy=NO_CACHE)
+def check_store() -> str:
+    """Fail fast with a clear StorageError when the object store is down or refuses the credentials."""
+    store = object_store()
+    store.exists(f"s3://{store.bucket}/{MODEL_PREFIX}/.probe")
+    return store.endpoint_url
+
+
+@task(cache_policy=NO_CACHE)
+def version_data(run_id: str, line: str, source: str, registry: str, max_train_images: int | None) -> dict:
+    """Stage, `dvc add`, commit and `dvc push` the exact data of this run; its hashes go on the run."""
+    data = versioning.version_line(line, Path(source), Path(registry), max_train_images).to_dict()
+    tracking.set_run_tags(run_id, {"dvc_data_hash": data["dvc_md5"], "dvc_remote_path": data["remote_path"],
+                                   "eval_data_hash": data["eval_data_hash"]})
+    tracking.log_metrics(run_id, {"data.n_files": data["n_files"], "data.bytes": data["size"]})
+    return data
+
+
+@task(cache_policy=NO_CACHE)
+def extract_features(run_id: str, cfg_dict: dict, data_path: str, data_hash: str, cache_dir: str) -> dict:
+    """Patch embeddings of the fit images, cached under `<cache_dir>/<key>.safetensors`."""
+    cfg = validate(cfg_dict)
+    detector = create_detector(cfg)
+    if not hasattr(detector, "feature_key"):
+        return {"path": None, "cache_hit": False}
+    split, fit, _ = _fit_and_calibration(cfg, data_path)
+    key = feature_cache_key(detector.feature_key(), data_hash, [s.path.relative_to(split.root).as_posix() for s in fit])
+    path = Path(cache_dir) / f"{key}.safetensors"
+    hit, t0 = path.is_file(), time.perf_counter()
+    if not hit:
+        features = detector.extract(image_stream(fit, cfg.data))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"features": features.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    out = {"path": str(path), "key": key, "cache_hit": hit, "extract_s": time.perf_counter() - t0}
+    tracking.log_metrics(run_id, {"feature_cache_hit": float(hit), "extract_s": out["extract_s"]})
+    tracking.set_run_tags(run_id, {"feature_cache_key": key})
+    return out
+
+
+@task(cache_policy=NO_CACHE)
+def build_model(run_id: str, cfg_dict: dict, data_path: str, features: dict, model_dir: str) -> dict:
+    """Fit the detector (from cached features when there are some), calibrate its threshold, save it."""
+    cfg = validate(cfg_dict)
+    _, fit, calibration = _fit_and_calibration(cfg, data_path)
+    detector = create_detector(cfg)
+    t0 = time.perf_counter()
+    if features.get("path"):
+        detector.fit_features(load_file(features["path"])["features"])
+    else:
+        detector.fit(image_stream(fit, cfg.data))
+    fit_s = time.perf_counter() - t0
+    if calibration:
+        scores = score_samples(detector, calibration, cfg.data)
+        detector.threshold_ = thresholds.calibrate(scores.image_scores, scores.anomaly_maps,
+                                                   cfg.threshold.false_reject_rate)
+    detector.save(model_dir)
+    tracking.log_metrics(run_id, {"fit_s": fit_s, "n_fit": len(fit), "n_calibration": len(calibration),
+                                  "fit": dict(getattr(detector, "fit_stats_", {}))})
+    return {"model_dir": model_dir, "weights_sha256": getattr(getattr(detector, "weights_", None), "sha256", "unknown")}
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_network_error)
+def upload_model(run_id: str, model_dir: str, line: str) -> dict:
+    """Model directory -> models/<line>/<sha256>/... with a manifest; returns the StoredObject as a dict."""
+    bank = asdict(object_store().put_dir(Path(model_dir), f"{MODEL_PREFIX}/{line}"))
+    tracking.set_run_tags(run_id, {"bank_uri": bank["uri"], "bank_sha256": bank["sha256"]})
+    return bank
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_model(run_id: str, model_dir: str, data_path: str, cfg_dict: dict, out_dir: str) -> dict:
+    """Score the pinned test split with the saved model (checksums verified at load); log metrics, curves
+    and worst-miss overlays."""
+    cfg = validate(cfg_dict)
+    detector = load_detector(model_dir)
+    split = scan_line(data_path)
+    result = evaluate_split(detector, split, cfg)
+    metrics = result.metrics()
+    tracking.log_metrics(run_id, metrics)
+    tracking.log_evaluation(run_id, result, detector.threshold_, Path(out_dir), cfg.evaluation.worst_misses,
+                            split=split, data=cfg.data, fpr_limit=cfg.evaluation.aupro_fpr_limit)
+    return metrics
+
+
+@task(cache_policy=NO_CACHE)
+def register(run_id: str, name: str, bank: dict, endpoint: str, tags: dict) -> str:
+    return tracking.register_version(run_id, name, StoredObject(**bank), endpoint, tags)
+
+
+@task(cache_policy=NO_CACHE)
+def gate(name: str, version: str, metrics: dict, eval_data_hash: str, cfg_dict: dict, data_path: str,
+         work_dir: str) -> dict:
+    """The promotion gate; the champion is re-evaluated on this run's pinned data only when needed."""
+    cfg = validate(cfg_dict)
+
+    def reevaluate(champion: dict) -> dict:
+        dest = Path(work_dir) / f"champion-v{champion['version']}"
+        detector, _ = tracking.load_version(name, champion["version"], dest)
+        same_eval = detector.cfg.model_copy(update={"evaluation": cfg.evaluation})
+        return evaluate_split(detector, scan_line(data_path), same_eval).metrics()
+
+    return promote.apply_gate(name, version, metrics, eval_data_hash, cfg.promotion, reevaluate).to_dict()
+
+
+# ------------------------------------------------------------------------------------------------ flow
+
+def _fail(run_id: str, step: str, exc: BaseException) -> None:
+    """Record the failure on the run and end it FAILED; never masks the original error."""
+    try:
+        tracking.set_run_tags(run_id, {"failed_step": step, "error": f"{type(exc).__name__}: {exc}"[:4000]})
+    except Exception as tag_exc:  # noqa: BLE001 - the original error matters more
+        logger.warning("could not tag MLflow run %s with the failure: %s", run_id, tag_exc)
+    try:
+        tracking.end_run(run_id, "FAILED")
+    except Exception as end_exc:  # noqa: BLE001
+        logger.error("could not mark MLflow run %s FAILED: %s", run_id, end_exc)
+
+
+def _version_tags(cfg: Config, info: dict, data: dict, model: dict, metrics: dict, line: str) -> dict[str, Any]:
+    keep = ("image_auroc", "aupro", "pixel_auroc", "image_ap", "pixel_ap", "ms_per_image")
+    code = {k: info[k] for k in ("git_commit", "git_dirty")}
+    return {**code, "flow_run_id": info["flow_run_id"], "dvc_data_hash": data["dvc_md5"], "dvc_remote_path": data["remote_path"],
+            "dvc_registry_commit": data["registry_commit"], "eval_data_hash": data["eval_data_hash"],
+            "params_hash": cfg.digest(), "weights_sha256": model["weights_sha256"], "product_line": line,
+            "method": cfg.detector.method, "backbone": cfg.backbone.name,
+            "metrics": {k: metrics[k] for k in keep if k in metrics}}
+
+
+def _line_params(cfg: Config, line: str) -> dict[str, Any]:
+    """Everything that shapes the model, with only the active method's detector section, plus the line."""
+    spec = cfg.lines[line]
+    raw = cfg.model_dump(mode="json", exclude={"services", "lines"})
+    method = raw["detector"]["method"]
+    raw["detector"] = {"method": method, method: raw["detector"].get(method, {})}
+    return {**raw,
+            "line": {"name": line, "data": str(spec.data), "max_train_images": spec.max_train_images,
+                     "cron": spec.cron}}
+
+
+def _start_run(line: str, cfg: Config) -> tuple[str, dict[str, str]]:
+    """The MLflow run of this flow run, tagged with the code version; -> (run_id, tags shared with results)."""
+    commit = versioning.git_commit()
+    info = {"git_commit": commit,
+            "git_dirty": versioning.git_dirty() if commit != versioning.NO_COMMIT else "unknown",
+            "flow_run_id": str(runtime.flow_run.id or "none"), "flow_run_name": str(runtime.flow_run.name or "")}
+    try:
+        run_id = tracking.start_run(line, info["flow_run_name"] or f"retrain-{line}",
+                                    {**info, "params_hash": cfg.digest(), "kind": "retrain"})
+    except Exception as exc:
+        raise RetrainError(f"retrain {line}: cannot start an MLflow run at {tracking.tracking_uri()}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    return run_id, info
+
+
+@flow(name="retrain", flow_run_name="retrain-{product_line}")
+def retrain(product_line: str, params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """Retrain one product line end to end; returns a summary dict (version, decision, hashes, URIs)."""
+    t_start = time.perf_counter()
+    cfg = line_config(params_path, product_line, overrides or [])
+    spec, root, name, cfg_dict = cfg.lines[product_line], services_root(cfg), model_name(product_line), cfg.to_dict()
+    tracking.configure(root=root)
+    run_id, info = _start_run(product_line, cfg)
+    work, step = root / "work" / run_id, "log params"
+    try:
+        tracking.log_params(run_id, _line_params(cfg, product_line))
+        step = "check object store"
+        endpoint = check_store()
+        step = "version data"
+        data = version_data(run_id, product_line, str(spec.data), str(root / "data-registry"), spec.max_train_images)
+        step = "extract features"
+        features = extract_features(run_id, cfg_dict, data["path"], data["dvc_md5"], str(root / "cache" / "features"))
+        step = "build model"
+        model = build_model(run_id, cfg_dict, data["path"], features, str(work / "model"))
+        step = "upload model"
+        bank = upload_model(run_id, model["model_dir"], product_line)
+        step = "evaluate"
+        metrics = evaluate_model(run_id, model["model_dir"], data["path"], cfg_dict, str(work / "evaluation"))
+        step = "register"
+        version = register(run_id, name, bank, endpoint, _version_tags(cfg, info, data, model, metrics, product_line))
+        step = "promote"
+        decision = gate(name, version, metrics, data["eval_data_hash"], cfg_dict, data["path"], str(work))
+        tracking.log_metrics(run_id, {"retrain_s": time.perf_counter() - t_start})
+    except BaseException as exc:
+        _fail(run_id, step, exc)
+        raise RetrainError(f"retrain {product_line} failed at step '{step}': {exc}") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tracking.end_run(run_id)
+    return {"line": product_line, "model_name": name, "run_id": run_id, "version": version,
+            "promoted": decision["promote"], "reasons": decision["reasons"],
+            "champion": tracking.version_for_alias(name, promote.CHAMPION), **info,
+            "dvc_data_hash": data["dvc_md5"], "dvc_remote_path": data["remote_path"],
+            "eval_data_hash": data["eval_data_hash"], "bank_uri": bank["uri"], "bank_sha256": bank["sha256"],
+            "feature_cache_hit": features["cache_hit"], "metrics": metrics, "seconds": time.perf_counter() - t_start}
+
+
+# ------------------------------------------------------------------------------------------------ fan-out
+
+@task(cache_policy=NO_CACHE)
+def retrain_line(line: str, params_path: str) -> dict:
+    return retrain(line, params_path)
+
+
+@flow(name="retrain-all")
+def retrain_all(params_path: str = "params.yaml") -> list[dict]:
+    """Retrain every product line of params.yaml in parallel (run it through `run_retrain_all`, which
+    sets the Dask task runner). Fails after all lines finished if any of them failed."""
+    lines = sorted(load_config(params_path).lines)
+    if not lines:
+        raise ConfigError(f"{params_path}: no product lines under `lines:`")
+    futures = {line: retrain_line.submit(line, params_path) for line in lines}
+    results, failed = [], []
+    for line, future in futures.items():
+        try:
+            results.append(future.result())
+        except Exception as exc:  # noqa: BLE001 - every line is reported, then the flow fails
+            failed.append(f"{line}: {exc}")
+    if failed:
+        raise RetrainError(f"{len(failed)} of {len(lines)} lines failed: " + "; ".join(failed))
+    return results
+
+
+def run_retrain_all(params_path: str = "params.yaml", workers: int = 2) -> list[dict]:
+    """retrain_all on a local Dask cluster of `workers` processes (scratch space under TMPDIR)."""
+    from prefect_dask import DaskTaskRunner
+
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "dask-scratch-space"
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
+                                            "dashboard_address": None, "local_directory": str(scratch)})
+    return retrain_all.with_options(task_runner=runner)(params_path)

@@ -1,0 +1,118 @@
+"""Tests for components.coreset: greedy k-center selection and its random projection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.coreset import coreset_size, coverage_radius, greedy_coreset, random_projection
+
+
+def clustered(n_clusters: int = 8, per_cluster: int = 200, dim: int = 32, seed: int = 0) -> torch.Tensor:
+    """Unequal Gaussian clusters: a few big, a few tiny (a random subset tends to miss the tiny ones)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_clusters, dim, generator=g) * 10
+    sizes = [per_cluster if i % 2 == 0 else max(2, per_cluster // 50) for i in range(n_clusters)]
+    return torch.cat([c + 0.5 * torch.randn(s, dim, generator=g) for c, s in zip(centers, sizes, strict=True)])
+
+
+def test_deterministic_for_a_seed() -> None:
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(1))
+    a = greedy_coreset(x, 0.1, seed=3)
+    b = greedy_coreset(x.clone(), 0.1, seed=3)
+    c = greedy_coreset(x, 0.1, seed=4)
+    assert torch.equal(a, b)
+    assert a.shape == (50,) and a.dtype == torch.long
+    assert len(set(a.tolist())) == 50
+    assert not torch.equal(a, c)  # the seed picks the start point (and the projection)
+
+
+def test_picks_the_farthest_points_on_a_hand_built_case() -> None:
+    """Four corners of a square far away plus a tight cluster at the origin: after the start point, every
+    step must take the point farthest from those already chosen."""
+    corners = torch.tensor([[100.0, 100.0], [-100.0, 100.0], [100.0, -100.0], [-100.0, -100.0]])
+    cluster = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [0.1, 0.1], [0.05, 0.05], [0.02, 0.07]])
+    x = torch.cat([cluster, corners])  # corners at 6..9
+    for seed in range(5):
+        idx = greedy_coreset(x, 5 / 10, seed=seed, projection_dim=0).tolist()
+        assert len(idx) == 5
+        chosen = set(idx)
+        assert {6, 7, 8, 9} <= chosen, (seed, idx)
+        # the first pick after the start is the point farthest from the start
+        start = idx[0]
+        assert idx[1] == int(torch.cdist(x[start:start + 1], x).argmax())
+
+
+def test_follows_the_k_center_rule_exactly() -> None:
+    """Reference: the textbook O(N M) loop on exact distances (no projection)."""
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(5)).double()
+    idx = greedy_coreset(x, 0.1, seed=0, projection_dim=0)
+    ref = [int(idx[0])]
+    dist = torch.cdist(x.float(), x[ref].float()).min(1).values
+    for _ in range(len(idx) - 1):
+        ref.append(int(dist.argmax()))
+        dist = torch.minimum(dist, torch.cdist(x.float(), x[ref[-1:]].float())[:, 0])
+    assert idx.tolist() == ref
+
+
+def test_greedy_covers_better_than_random_on_clustered_data() -> None:
+    x = clustered()
+    idx = greedy_coreset(x, 0.02, seed=0, projection_dim=16)
+    greedy_radius = coverage_radius(x, idx)
+    for seed in range(5):
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: len(idx)]
+        assert greedy_radius <= coverage_radius(x, perm)
+    # the greedy set visits every cluster, tiny ones included: its radius is within-cluster scale
+    assert greedy_radius < 10.0
+
+
+def test_projection_preserves_distances_roughly() -> None:
+    x = torch.randn(200, 1024, generator=torch.Generator().manual_seed(0))
+    y = random_projection(x, 128, seed=0)
+    assert y.shape == (200, 128)
+    dx = torch.pdist(x)
+    dy = torch.pdist(y)
+    ratio = dy / dx
+    # Johnson-Lindenstrauss at d=128: typical distortion ~ 1/sqrt(2 * 128) ~ 6 %
+    assert abs(float(ratio.mean()) - 1.0) < 0.05
+    assert float(ratio.std()) < 0.1
+    assert float(ratio.min()) > 0.6 and float(ratio.max()) < 1.4
+    assert torch.equal(y, random_projection(x, 128, seed=0))
+
+
+def test_projection_identity_cases() -> None:
+    x = torch.randn(10, 16, dtype=torch.float16)
+    for dim in (0, 16, 64):
+        out = random_projection(x, dim, seed=0)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, x.float())
+
+
+@pytest.mark.parametrize(("n", "ratio", "expected"), [
+    (100, 0.1, 10), (100, 1.0, 100), (100, 0.001, 1), (7, 0.5, 4), (1, 0.1, 1), (3, 0.999, 3),
+])
+def test_coreset_size(n: int, ratio: float, expected: int) -> None:
+    assert coreset_size(n, ratio) == expected
+
+
+def test_ratio_edge_cases() -> None:
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy_coreset(x, 1.0), torch.arange(20))
+    tiny = greedy_coreset(x, 1e-6)
+    assert tiny.shape == (1,)
+    assert greedy_coreset(x[:1], 0.5).tolist() == [0]
+    assert greedy_coreset(x.half(), 0.5, projection_dim=2).shape == (10,)  # float16 features work
+
+
+def test_progress_reports_the_end() -> None:
+    calls = []
+    greedy_coreset(torch.randn(1000, 8), 0.2, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (200, 200)
+    assert all(total == 200 for _, total in calls)
+
+
+def test_coverage_radius_by_hand() -> None:
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    assert coverage_radius(x, torch.tensor([0])) == pytest.approx(10.0)
+    assert coverage_radius(x, torch.tensor([1])) == pytest.approx(5.0)
+    assert coverage_radius(x, torch.tensor([0, 1, 2]), block=1) == pytest.approx(0.0)

@@ -1,0 +1,61 @@
+"""Tests for components.training and components.evaluation on the tiny on-disk line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.config import Config
+from components.data import LineSplit, scan_line
+from components.evaluation import evaluate_split, worst_misses
+from components.metrics import ScoredSample
+from components.training import fit_line, to_uint8_image
+
+
+def test_fit_line_holds_out_calibration_and_reports_progress(tiny_config: Config, tiny_line: Path) -> None:
+    calls: list[tuple[str, int, int | None]] = []
+    result = fit_line(tiny_config, tiny_line, progress=lambda *a: calls.append(a))
+    assert (result.n_fit, result.n_calibration) == (6, 2)  # 8 train images, calibration_fraction 0.25
+    assert result.detector.is_fitted and result.detector.threshold_ is not None
+    assert result.detector.threshold_.n_calibration == 2
+    assert result.fit_seconds > 0 and result.calibration_seconds > 0
+    stages = {stage for stage, _, _ in calls}
+    assert {"features", "coreset", "calibration"} <= stages
+    assert ("features", 6, 6) in calls and ("calibration", 2, 2) in calls
+    limited = fit_line(tiny_config, tiny_line, max_train_images=4)
+    assert (limited.n_fit, limited.n_calibration) == (3, 1)
+
+
+def test_evaluate_split(tiny_config: Config, tiny_line: Path) -> None:
+    det = fit_line(tiny_config, tiny_line).detector
+    split = scan_line(tiny_line)
+    calls = []
+    result = evaluate_split(det, split, tiny_config, progress=lambda *a: calls.append(a))
+    assert len(result.records) == 6 and calls[-1] == ("evaluate", 6, 6)
+    assert result.report.overall["image_auroc"] == 1.0
+    flat = result.metrics()
+    assert flat["image_auroc"] == 1.0 and flat["ms_per_image"] > 0
+    assert "square.image_auroc" in flat and "square.aupro" in flat
+    masks = [r.mask for r in result.records]
+    assert sum(m is not None for m in masks) == 3 and all(m.sum() == 256 for m in masks if m is not None)
+    with pytest.raises(ValueError, match="no test images"):
+        evaluate_split(det, LineSplit(split.root, split.train, ()), tiny_config)
+
+
+def test_worst_misses() -> None:
+    amap = np.zeros((2, 2), np.float32)
+    recs = [ScoredSample("g_low", "good", 0, 0.1, amap), ScoredSample("g_high", "good", 0, 0.9, amap),
+            ScoredSample("d_low", "x", 1, 0.2, amap), ScoredSample("d_high", "x", 1, 0.95, amap)]
+    assert [r.name for r in worst_misses(recs, 0.5, 2)] == ["g_high", "d_low"]
+    assert {r.name for r in worst_misses(recs, None, 2)} == {"g_high", "d_low"}  # pivot: the median 0.55
+    assert worst_misses(recs, 0.5, 0) == [] and worst_misses([], 0.5, 3) == []
+
+
+def test_to_uint8_image() -> None:
+    image = torch.tensor([[[0.0, 1.0]], [[0.5, 2.0]], [[-1.0, 0.25]]])  # (3, 1, 2)
+    out = to_uint8_image(image)
+    assert out.shape == (1, 2, 3) and out.dtype == np.uint8
+    assert out[0, 0].tolist() == [0, 128, 0] and out[0, 1].tolist() == [255, 255, 64]
