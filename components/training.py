@@ -68,13 +68,19 @@ def fit_line(cfg: Config, root: str | Path, max_train_images: int | None = None,
         if progress else None
     detector.fit(image_stream(fit_samples, cfg.data), progress=fit_progress)
     t1 = time.perf_counter()
-    if cal_samples:
-        scores = score_samples(detector, cal_samples, cfg.data, progress)
-        detector.threshold_ = thresholds.calibrate(scores.image_scores, scores.anomaly_maps,
-                                                   cfg.threshold.false_reject_rate)
-    else:
-        logger.warning("calibration_fraction is 0: the model has no decision threshold")
+    calibrate_detector(detector, cal_samples, cfg, progress)
     return FitResult(detector, split, len(fit_samples), len(cal_samples), t1 - t0, time.perf_counter() - t1)
+
+
+def calibrate_detector(detector: Detector, samples: Sequence[Sample], cfg: Config,
+                       progress: ProgressFn | None = None) -> None:
+    """Set `detector.threshold_` from its scores on held-out good `samples` (none: no threshold, warned)."""
+    if not samples:
+        logger.warning("calibration_fraction is 0: the model has no decision threshold")
+        return
+    scores = score_samples(detector, samples, cfg.data, progress)
+    detector.threshold_ = thresholds.calibrate(scores.image_scores, scores.anomaly_maps,
+                                               cfg.threshold.false_reject_rate)
 
 
 def to_uint8_image(image: torch.Tensor) -> np.ndarray:

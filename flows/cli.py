@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _register_pipeline_commands()
     try:
-        app(args, standalone_mode=False)
+        code = app(args, standalone_mode=False)  # click returns typer.Exit(n)'s code instead of raising
     except USER_ERRORS as exc:
         if debug:
             raise
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, aborts):
             return 130
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -26,12 +26,11 @@ from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 
-from components import thresholds
 from components.config import Config, ConfigError, load_config, parse_override, set_path, validate
 from components.data import scan_line, split_calibration
 from components.detector import create_detector, load_detector
 from components.evaluation import evaluate_split
-from components.training import image_stream, score_samples
+from components.training import calibrate_detector, image_stream
 from flows import promote, tracking, versioning
 from flows.storage import (
     AccessDeniedError,
@@ -110,9 +109,12 @@ def check_store() -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def version_data(run_id: str, line: str, source: str, registry: str, max_train_images: int | None) -> dict:
-    """Stage, `dvc add`, commit and `dvc push` the exact data of this run; its hashes go on the run."""
-    data = versioning.version_line(line, Path(source), Path(registry), max_train_images).to_dict()
+def version_data(run_id: str, line: str, source: str, registry: str, max_train_images: int | None,
+                 snapshot: str) -> dict:
+    """Stage, `dvc add`, commit and `dvc push` the exact data of this run (read by the next steps from a
+    private snapshot); its hashes go on the run."""
+    data = versioning.version_line(line, Path(source), Path(registry), max_train_images,
+                                   snapshot_to=Path(snapshot)).to_dict()
     tracking.set_run_tags(run_id, {"dvc_data_hash": data["dvc_md5"], "dvc_remote_path": data["remote_path"],
                                    "eval_data_hash": data["eval_data_hash"]})
     tracking.log_metrics(run_id, {"data.n_files": data["n_files"], "data.bytes": data["size"]})
@@ -154,10 +156,7 @@ def build_model(run_id: str, cfg_dict: dict, data_path: str, features: dict, mod
     else:
         detector.fit(image_stream(fit, cfg.data))
     fit_s = time.perf_counter() - t0
-    if calibration:
-        scores = score_samples(detector, calibration, cfg.data)
-        detector.threshold_ = thresholds.calibrate(scores.image_scores, scores.anomaly_maps,
-                                                   cfg.threshold.false_reject_rate)
+    calibrate_detector(detector, calibration, cfg)
     detector.save(model_dir)
     tracking.log_metrics(run_id, {"fit_s": fit_s, "n_fit": len(fit), "n_calibration": len(calibration),
                                   "fit": dict(getattr(detector, "fit_stats_", {}))})
@@ -271,7 +270,8 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
         step = "check object store"
         endpoint = check_store()
         step = "version data"
-        data = version_data(run_id, product_line, str(spec.data), str(root / "data-registry"), spec.max_train_images)
+        data = version_data(run_id, product_line, str(spec.data), str(root / "data-registry"),
+                            spec.max_train_images, str(work / "data"))
         step = "extract features"
         features = extract_features(run_id, cfg_dict, data["path"], data["dvc_md5"], str(root / "cache" / "features"))
         step = "build model"

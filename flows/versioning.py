@@ -243,9 +243,25 @@ def eval_data_hash(root: Path) -> str:
     return LineSplit(split.root, (), split.test).digest()
 
 
+def snapshot(workspace: Path, dest: Path) -> Path:
+    """A private view of the versioned files for one run: hard links (a copy across file systems), so a
+    later re-staging of the line (new files, new inodes) never changes what a running retrain reads."""
+    shutil.rmtree(dest, ignore_errors=True)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(workspace, dest, copy_function=link)
+    return dest
+
+
 def version_line(line: str, source: Path, registry: Path, max_train_images: int | None = None,
-                 env: Mapping[str, str] | None = None) -> DataVersion:
-    """Stage the line's data in the registry, `dvc add` it, commit the .dvc file and `dvc push` it."""
+                 env: Mapping[str, str] | None = None, snapshot_to: Path | None = None) -> DataVersion:
+    """Stage the line's data in the registry, `dvc add` it, commit the .dvc file and `dvc push` it.
+    With `snapshot_to`, the returned `path` is a private snapshot of the versioned files (see `snapshot`)."""
     env = dict(os.environ if env is None else env)
     bucket = env["DEFECTOPS_BUCKET"]
     with registry_lock(registry):
@@ -262,8 +278,9 @@ def version_line(line: str, source: Path, registry: Path, max_train_images: int 
         _commit_if_staged(registry, f"data: {line} {out['md5']}")
         commit = _git(registry, "rev-parse", "HEAD").strip()
         push(registry, f"lines/{line}.dvc")
+        data_path = snapshot(workspace, Path(snapshot_to)) if snapshot_to else workspace
     logger.info("versioned %s: %d files, %s pushed to %s", line, n, out["md5"], remote_path(bucket, out["md5"]))
-    return DataVersion(line=line, path=str(workspace), dvc_file=str(dvc_file), dvc_md5=str(out["md5"]),
+    return DataVersion(line=line, path=str(data_path), dvc_file=str(dvc_file), dvc_md5=str(out["md5"]),
                        remote_path=remote_path(bucket, str(out["md5"])), registry_commit=commit,
                        n_files=int(out.get("nfiles", n)), size=int(out.get("size", 0)),
-                       eval_data_hash=eval_data_hash(workspace))
+                       eval_data_hash=eval_data_hash(data_path))

@@ -89,8 +89,12 @@ def test_version_line_pushes_to_the_object_store(object_store, tmp_path, monkeyp
     assert first.dvc_md5 == read_dvc_file(registry / "lines" / "line-a.dvc")["md5"]
     again = version_line("line-a", source, registry, max_train_images=4)
     assert (again.dvc_md5, again.registry_commit) == (first.dvc_md5, first.registry_commit)  # no new commit
-    more = version_line("line-a", source, registry, max_train_images=5)
+    snap = tmp_path / "run" / "data"
+    more = version_line("line-a", source, registry, max_train_images=5, snapshot_to=snap)
     assert more.dvc_md5 != first.dvc_md5 and more.registry_commit != first.registry_commit
+    assert Path(more.path) == snap and len(scan_line(snap).train) == 5
+    version_line("line-a", source, registry, max_train_images=2)  # re-staging leaves the snapshot alone
+    assert len(scan_line(snap).train) == 5 and len(scan_line(registry / "lines" / "line-a").train) == 2
     assert more.eval_data_hash == first.eval_data_hash  # same pinned test split
     s3 = boto3.client("s3", endpoint_url=object_store.s3_endpoint, region_name="us-east-1",
                       aws_access_key_id=object_store.access_key, aws_secret_access_key=object_store.secret_key)

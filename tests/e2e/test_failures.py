@@ -19,6 +19,7 @@ from flows.inference import inference
 from flows.lineage import lineage
 from flows.retrain import RetrainError, model_name, retrain
 from flows.storage import AccessDeniedError, ChecksumError, EndpointUnreachableError, ObjectStore, parse_uri
+from flows.tracking import RegistryError
 from infra.services import env_for_clients, start, stop
 from tests.e2e._pipeline import session, small_demo_line, write_params
 
@@ -104,3 +105,9 @@ def test_tampered_bank_is_refused(services, champion_line, tmp_path):
         info = lineage(NAME, "@champion", store)
     assert info["bank"]["verified"] is False and "bank.safetensors" in info["bank"]["problem"]
     assert not list((Path(champion_line["params"]).parent / "root" / "work").glob("inference-*"))
+
+
+def test_inference_without_champion_is_a_clear_error(services, tmp_path):
+    params = write_params(tmp_path / "params.yaml", tmp_path / "root", {})
+    with session(params, env_for_clients(services)), pytest.raises(RegistryError, match="no such registered model"):
+        inference("never-trained", [str(tmp_path)], str(params))
