@@ -114,6 +114,9 @@ class LineConfig(Section):
     cron: str = "0 3 * * *"
     max_train_images: PositiveInt | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
+    # Serve this line from another registered model's @champion (a unified model trained on several lines,
+    # e.g. `defectops-unified-plant`) instead of its own `defectops-<line>`; None: its own model.
+    serve_from: str | None = None
 
 
 class Config(Section):

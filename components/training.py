@@ -5,9 +5,10 @@ The same routine serves the CLI, the DVC stages and the Prefect flows.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from components.data import LineSplit, Preprocess, Sample, iter_batches, scan_li
 from components.detector import Detector, ProgressFn, ScoreBatch, create_detector
 
 logger = logging.getLogger(__name__)
+
+LogStepFn = Callable[[int, dict[str, float]], None]
+"""log_step(step, metrics): per-step training metrics (loss, lr...) from detectors that train iteratively."""
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,21 @@ def score_samples(detector: Detector, samples: Sequence[Sample], data: DataConfi
     return ScoreBatch.concat(out)
 
 
+def fit_options(detector: Detector, log_step: LogStepFn | None = None,
+                checkpoint_dir: str | Path | None = None) -> dict:
+    """The optional keyword arguments of `detector.fit` that it accepts: {"log_step": ..., "checkpoint_dir":
+    ...} filtered by its signature (a detector without training steps, e.g. PatchCore, gets neither)."""
+    accepted = inspect.signature(detector.fit).parameters
+    wanted = {"log_step": log_step, "checkpoint_dir": checkpoint_dir}
+    return {k: v for k, v in wanted.items() if v is not None and k in accepted}
+
+
 def fit_line(cfg: Config, root: str | Path, max_train_images: int | None = None,
-             progress: ProgressFn | None = None) -> FitResult:
-    """Scan the line, hold out calibration images, fit the configured detector, calibrate its threshold."""
+             progress: ProgressFn | None = None, log_step: LogStepFn | None = None,
+             checkpoint_dir: str | Path | None = None) -> FitResult:
+    """Scan the line, hold out calibration images, fit the configured detector, calibrate its threshold.
+
+    log_step / checkpoint_dir go to detectors whose `fit` accepts them (see `fit_options`)."""
     split = scan_line(root, require_test=False)
     train = split.train[:max_train_images] if max_train_images else split.train
     fit_samples, cal_samples = split_calibration(train, cfg.data.calibration_fraction, cfg.data.seed)
@@ -66,7 +82,8 @@ def fit_line(cfg: Config, root: str | Path, max_train_images: int | None = None,
     total = len(fit_samples)
     fit_progress = (lambda stage, done, tot: progress(stage, done, total if stage == "features" else tot)) \
         if progress else None
-    detector.fit(image_stream(fit_samples, cfg.data), progress=fit_progress)
+    detector.fit(image_stream(fit_samples, cfg.data), progress=fit_progress,
+                 **fit_options(detector, log_step, checkpoint_dir))
     t1 = time.perf_counter()
     calibrate_detector(detector, cal_samples, cfg, progress)
     return FitResult(detector, split, len(fit_samples), len(cal_samples), t1 - t0, time.perf_counter() - t1)

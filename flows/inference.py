@@ -22,7 +22,7 @@ import numpy as np
 from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 
-from components.config import load_config
+from components.config import Config, load_config
 from components.data import IMAGE_EXTENSIONS, DataError, Sample, iter_batches
 from components.detector import load_detector
 from components.report import overlay, save_png
@@ -83,10 +83,35 @@ def fetch_champion(name: str, dest: str) -> dict:
     return {k: info[k] for k in ("name", "version", "run_id", "tags")}
 
 
+def serving_model(cfg: Config, line: str) -> tuple[str, bool]:
+    """(registered model that serves `line`, whether it is a unified model): `lines.<line>.serve_from` when
+    set, else `defectops-<line>`."""
+    spec = cfg.lines.get(line)
+    if spec is not None and spec.serve_from:
+        return spec.serve_from, True
+    return model_name(line), False
+
+
+def check_serves(champion: dict, line: str) -> None:
+    """RegistryError unless the fetched unified champion was trained on `line` (its `lines` tag)."""
+    trained_on = json.loads(champion["tags"].get("lines") or "[]")
+    if line not in trained_on:
+        raise tracking.RegistryError(
+            f"{champion['name']}@champion (version {champion['version']}) was not trained on line {line!r} "
+            f"(it serves {trained_on or 'no lines'}): retrain it with that line (`defectops retrain-unified "
+            f"... --line {line}`) or remove lines.{line}.serve_from")
+
+
 @task(cache_policy=NO_CACHE)
-def score_images(model_dir: str, images: list[str], out_dir: str) -> dict:
-    """Score every image; write predictions.csv/json and overlays/<name>_overlay.png to `out_dir`."""
+def score_images(model_dir: str, images: list[str], out_dir: str, line: str | None = None) -> dict:
+    """Score every image; write predictions.csv/json and overlays/<name>_overlay.png to `out_dir`.
+    line: score with that line's threshold of a unified model (Dinomaly.for_line)."""
     detector = load_detector(model_dir)
+    if line is not None:
+        if not hasattr(detector, "for_line"):
+            raise tracking.RegistryError(f"{model_dir}: a {detector.name} model, not a unified one: it cannot "
+                                         f"serve line {line!r} through serve_from")
+        detector = detector.for_line(line)
     files = expand_images(images)
     names, data, threshold = _unique_names(files), detector.cfg.data, detector.threshold_
     out = Path(out_dir)
@@ -123,17 +148,21 @@ def upload_results(out_dir: str, prefix: str) -> dict:
 
 @flow(name="inference", flow_run_name="inference-{product_line}")
 def inference(product_line: str, images: list[str], params_path: str = "params.yaml") -> dict:
-    """Score `images` (files or folders) with `defectops-<line>@champion`; results to the object store."""
+    """Score `images` (files or folders) with `defectops-<line>@champion`, or with the @champion of the
+    unified model named by `lines.<line>.serve_from` and that line's threshold; results to the object store."""
     cfg = load_config(params_path)
     root = cfg.services.root.resolve()
     tracking.configure(root=root)
-    name = model_name(product_line)
+    name, unified = serving_model(cfg, product_line)
     flow_run_id = str(runtime.flow_run.id or "local")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     work = root / "work" / f"inference-{stamp}-{flow_run_id}"
     try:
         champion = fetch_champion(name, str(work / "model"))
-        scored = score_images(str(work / "model"), [str(p) for p in images], str(work / "results"))
+        if unified:
+            check_serves(champion, product_line)
+        scored = score_images(str(work / "model"), [str(p) for p in images], str(work / "results"),
+                              product_line if unified else None)
         results = upload_results(str(work / "results"), f"inference/{product_line}/{stamp}-{flow_run_id}")
         run_id = tracking.start_run(product_line, f"inference-{stamp}", {
             "kind": "inference", "flow_run_id": flow_run_id, "model_name": name,

@@ -1,5 +1,5 @@
-"""The pipeline commands of `defectops`: up, down, status, retrain, retrain-all, inference, serve, lineage,
-demo and prepare (the DVC `prepare` stage). flows/cli.py calls `register(app)`.
+"""The pipeline commands of `defectops`: up, down, status, retrain, retrain-all, retrain-unified, inference,
+serve, lineage, demo and prepare (the DVC `prepare` stage). flows/cli.py calls `register(app)`.
 
 Clients find the services in this order: DEFECTOPS_S3_ENDPOINT / MLFLOW_TRACKING_URI / PREFECT_API_URL
 already in the environment (production services, configured by environment alone), else the local services
@@ -172,6 +172,28 @@ def print_retrain(result: dict) -> None:
         console.print(f"  - {reason}", highlight=False)
 
 
+def print_unified(result: dict) -> None:
+    table = Table(title=f"retrain-unified {result['name']}: {result['model_name']} version {result['version']} "
+                        f"({result['label']})")
+    for col in ("line", "image AUROC", "pixel AUROC", "AUPRO", "ms/image", "gate"):
+        table.add_column(col)
+    nan = float("nan")
+    for line in result["lines"]:
+        m = result["line_metrics"][line]
+        failed = any(r.endswith(": fail") for r in result["reasons_by_line"][line])
+        table.add_row(line, f"{m.get('image_auroc', nan):.4f}", f"{m.get('pixel_auroc', nan):.4f}",
+                      f"{m.get('aupro', nan):.4f}", f"{m.get('ms_per_image', nan):.1f}", "fail" if failed else "pass")
+    m = result["metrics"]
+    table.add_row("mean", f"{m.get('image_auroc', nan):.4f}", f"{m.get('pixel_auroc', nan):.4f}",
+                  f"{m.get('aupro', nan):.4f}", f"{m.get('ms_per_image', nan):.1f}", "")
+    console.print(table)
+    console.print(("PROMOTED to @champion" if result["promoted"] else "not promoted (stays @challenger)")
+                  + f"; champion now version {result['champion']}; bank {result['bank_uri']}; "
+                  f"{result['seconds']:.1f} s", highlight=False)
+    for reason in result["reasons"]:
+        console.print(f"  - {reason}", highlight=False)
+
+
 def print_inference(result: dict) -> None:
     counts, dist = result["counts"], result["distribution"]
     console.print(f"inference {result['line']} with {result['model_name']} version {result['version']}: "
@@ -304,6 +326,19 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
 
             for result in run_retrain_all(str(path), workers):
                 print_retrain(result)
+
+    @app.command("retrain-unified")
+    def retrain_unified_cmd(name: Annotated[str, typer.Argument(help="unified model: defectops-unified-NAME")],
+                            line: Annotated[list[str] | None, typer.Option("--line", help="only these lines "
+                                                                           "(default: all in params.yaml)")] = None,
+                            config: ConfigOpt = None, set_: SetOpt = None) -> None:
+        """Train ONE Dinomaly model on several lines, register it once, gate it per line."""
+        path = _params_path(config)
+        cfg = load_config(path)
+        with clear_errors(), client_session(cfg):
+            from flows.unified import retrain_unified
+
+            print_unified(retrain_unified(name, list(line or []) or None, str(path), list(set_ or [])))
 
     @app.command("inference")
     def inference_cmd(line: Annotated[str, typer.Argument(help="product line")],

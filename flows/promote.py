@@ -144,7 +144,7 @@ def apply_gate(model_name: str, version: str, candidate_metrics: Mapping[str, An
         gated = decide(candidate_metrics, champ_metrics, cfg)
         decision = Decision(gated.promote, notes + gated.reasons)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    _record(model_name, candidate, decision, now, {
+    record_decision(model_name, candidate, decision, now, {
         "champion_before": champion_version, "champion_metrics": champ_metrics,
         "champion_reevaluated": reevaluated, "eval_data_hash": eval_data_hash,
         "candidate_metrics": {k: _number(candidate_metrics, k) for k in GATED_METRICS},
@@ -157,8 +157,10 @@ def apply_gate(model_name: str, version: str, candidate_metrics: Mapping[str, An
     return decision
 
 
-def _record(model_name: str, candidate: dict[str, Any], decision: Decision, when: str,
-            details: dict[str, Any]) -> None:
+def record_decision(model_name: str, candidate: dict[str, Any], decision: Decision, when: str,
+                    details: dict[str, Any]) -> None:
+    """Tags on the version and its run (decision, reasons, time, champion before) and promotion.json with
+    `details` (which must hold `champion_before`)."""
     tags = {"promotion.decision": "promoted" if decision.promote else "rejected",
             "promotion.reasons": json.dumps(decision.reasons), "promotion.time": when,
             "promotion.champion_before": details["champion_before"] or "none"}

@@ -30,7 +30,7 @@ from components.config import Config, ConfigError, load_config, parse_override, 
 from components.data import scan_line, split_calibration
 from components.detector import create_detector, load_detector
 from components.evaluation import evaluate_split
-from components.training import calibrate_detector, image_stream
+from components.training import calibrate_detector, fit_options, image_stream
 from flows import promote, tracking, versioning
 from flows.storage import (
     AccessDeniedError,
@@ -46,6 +46,7 @@ from flows.storage import (
 logger = logging.getLogger(__name__)
 
 MODEL_PREFIX = "models"
+TRAIN_LOG_EVERY = 25  # per-step training metrics are sent to MLflow in batches of this many steps
 
 
 class RetrainError(RuntimeError):
@@ -82,6 +83,34 @@ def feature_cache_key(feature_key: dict, data_hash: str, fit_files: list[str]) -
     version and the exact images fitted (the calibration hold-out depends on data.seed/fraction)."""
     payload = {"features": feature_key, "data": data_hash, "fit_files": fit_files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_dir(root: Path, name: str, cfg: Config, data_hash: str) -> Path:
+    """<services.root>/checkpoints/<model name>/<cfg digest>-<data hash>: stable across task retries and
+    flow re-runs of the same config and data, so an interrupted training resumes there."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in data_hash)
+    return Path(root) / "checkpoints" / name / f"{cfg.digest()[:16]}-{safe}"
+
+
+class TrainLog:
+    """log_step callback for iterative detectors: buffers per-step metrics and logs them to the run as
+    `train.<key>` at their step, `every` steps at a time; call `flush()` after fit for the remainder."""
+
+    def __init__(self, run_id: str, every: int = TRAIN_LOG_EVERY, prefix: str = "train.") -> None:
+        self.run_id, self.every, self.prefix = run_id, max(1, every), prefix
+        self.buffer: list[tuple[int, dict[str, float]]] = []
+        self.steps_logged = 0
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.buffer.append((step, {f"{self.prefix}{k}": v for k, v in metrics.items()}))
+        if len(self.buffer) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        buffer, self.buffer = self.buffer, []
+        for step, metrics in buffer:
+            tracking.log_metrics(self.run_id, metrics, step=step)
+        self.steps_logged += len(buffer)
 
 
 def _fit_and_calibration(cfg: Config, data_path: str):
@@ -145,8 +174,11 @@ def extract_features(run_id: str, cfg_dict: dict, data_path: str, data_hash: str
 
 
 @task(cache_policy=NO_CACHE)
-def build_model(run_id: str, cfg_dict: dict, data_path: str, features: dict, model_dir: str) -> dict:
-    """Fit the detector (from cached features when there are some), calibrate its threshold, save it."""
+def build_model(run_id: str, cfg_dict: dict, data_path: str, features: dict, model_dir: str,
+                checkpoints: str | None = None) -> dict:
+    """Fit the detector (from cached features when there are some), calibrate its threshold, save it.
+    Iterative detectors log per-step metrics (`train.*`) and checkpoint to `checkpoints` (removed once the
+    model is saved) when their `fit` accepts log_step / checkpoint_dir."""
     cfg = validate(cfg_dict)
     _, fit, calibration = _fit_and_calibration(cfg, data_path)
     detector = create_detector(cfg)
@@ -154,10 +186,14 @@ def build_model(run_id: str, cfg_dict: dict, data_path: str, features: dict, mod
     if features.get("path"):
         detector.fit_features(load_file(features["path"])["features"])
     else:
-        detector.fit(image_stream(fit, cfg.data))
+        train_log = TrainLog(run_id)
+        detector.fit(image_stream(fit, cfg.data), **fit_options(detector, train_log, checkpoints))
+        train_log.flush()
     fit_s = time.perf_counter() - t0
     calibrate_detector(detector, calibration, cfg)
     detector.save(model_dir)
+    if checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     tracking.log_metrics(run_id, {"fit_s": fit_s, "n_fit": len(fit), "n_calibration": len(calibration),
                                   "fit": dict(getattr(detector, "fit_stats_", {}))})
     return {"model_dir": model_dir, "weights_sha256": getattr(getattr(detector, "weights_", None), "sha256", "unknown")}
@@ -208,7 +244,7 @@ def gate(name: str, version: str, metrics: dict, eval_data_hash: str, cfg_dict: 
 
 # ------------------------------------------------------------------------------------------------ flow
 
-def _fail(run_id: str, step: str, exc: BaseException) -> None:
+def fail_run(run_id: str, step: str, exc: BaseException) -> None:
     """Record the failure on the run and end it FAILED; never masks the original error."""
     try:
         tracking.set_run_tags(run_id, {"failed_step": step, "error": f"{type(exc).__name__}: {exc}"[:4000]})
@@ -241,17 +277,18 @@ def _line_params(cfg: Config, line: str) -> dict[str, Any]:
                      "cron": spec.cron}}
 
 
-def _start_run(line: str, cfg: Config) -> tuple[str, dict[str, str]]:
-    """The MLflow run of this flow run, tagged with the code version; -> (run_id, tags shared with results)."""
+def start_flow_run(line: str, cfg: Config, kind: str = "retrain") -> tuple[str, dict[str, str]]:
+    """The MLflow run of this flow run (experiment defectops/<line>), tagged with the code version and
+    `kind`; -> (run_id, tags shared with results)."""
     commit = versioning.git_commit()
     info = {"git_commit": commit,
             "git_dirty": versioning.git_dirty() if commit != versioning.NO_COMMIT else "unknown",
             "flow_run_id": str(runtime.flow_run.id or "none"), "flow_run_name": str(runtime.flow_run.name or "")}
     try:
-        run_id = tracking.start_run(line, info["flow_run_name"] or f"retrain-{line}",
-                                    {**info, "params_hash": cfg.digest(), "kind": "retrain"})
+        run_id = tracking.start_run(line, info["flow_run_name"] or f"{kind}-{line}",
+                                    {**info, "params_hash": cfg.digest(), "kind": kind})
     except Exception as exc:
-        raise RetrainError(f"retrain {line}: cannot start an MLflow run at {tracking.tracking_uri()}: "
+        raise RetrainError(f"{kind} {line}: cannot start an MLflow run at {tracking.tracking_uri()}: "
                            f"{type(exc).__name__}: {exc}") from exc
     return run_id, info
 
@@ -263,7 +300,7 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
     cfg = line_config(params_path, product_line, overrides or [])
     spec, root, name, cfg_dict = cfg.lines[product_line], services_root(cfg), model_name(product_line), cfg.to_dict()
     tracking.configure(root=root)
-    run_id, info = _start_run(product_line, cfg)
+    run_id, info = start_flow_run(product_line, cfg)
     work, step = root / "work" / run_id, "log params"
     try:
         tracking.log_params(run_id, _line_params(cfg, product_line))
@@ -275,7 +312,8 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
         step = "extract features"
         features = extract_features(run_id, cfg_dict, data["path"], data["dvc_md5"], str(root / "cache" / "features"))
         step = "build model"
-        model = build_model(run_id, cfg_dict, data["path"], features, str(work / "model"))
+        model = build_model(run_id, cfg_dict, data["path"], features, str(work / "model"),
+                            str(checkpoint_dir(root, name, cfg, data["dvc_md5"])))
         step = "upload model"
         bank = upload_model(run_id, model["model_dir"], product_line)
         step = "evaluate"
@@ -286,7 +324,7 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
         decision = gate(name, version, metrics, data["eval_data_hash"], cfg_dict, data["path"], str(work))
         tracking.log_metrics(run_id, {"retrain_s": time.perf_counter() - t_start})
     except BaseException as exc:
-        _fail(run_id, step, exc)
+        fail_run(run_id, step, exc)
         raise RetrainError(f"retrain {product_line} failed at step '{step}': {exc}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from components.config import Config
+from components.config import Config, validate
 from components.data import LineSplit, scan_line
+from components.detector import create_detector
 from components.evaluation import evaluate_split, worst_misses
 from components.metrics import ScoredSample
-from components.training import fit_line, to_uint8_image
+from components.training import fit_line, fit_options, to_uint8_image
 
 
 def test_fit_line_holds_out_calibration_and_reports_progress(tiny_config: Config, tiny_line: Path) -> None:
@@ -27,6 +28,26 @@ def test_fit_line_holds_out_calibration_and_reports_progress(tiny_config: Config
     assert ("features", 6, 6) in calls and ("calibration", 2, 2) in calls
     limited = fit_line(tiny_config, tiny_line, max_train_images=4)
     assert (limited.n_fit, limited.n_calibration) == (3, 1)
+
+
+def test_fit_line_forwards_log_step_and_checkpoint_dir(tiny_config_for, tiny_line: Path, tmp_path: Path) -> None:
+    """Dinomaly's fit takes log_step/checkpoint_dir: fit_line passes them on (one call per step, a checkpoint
+    written); PatchCore's does not: they are filtered out instead of failing."""
+    raw = tiny_config_for("dinomaly").to_dict()
+    raw["detector"]["dinomaly"]["checkpoint_every"] = 3
+    cfg = validate(raw)
+    steps: list[tuple[int, dict]] = []
+    result = fit_line(cfg, tiny_line, log_step=lambda step, m: steps.append((step, m)),
+                      checkpoint_dir=tmp_path / "ckpt")
+    iterations = cfg.detector.dinomaly.iterations
+    assert [s for s, _ in steps] == list(range(1, iterations + 1))
+    assert all({"loss", "lr"} <= set(m) and np.isfinite(m["loss"]) for _, m in steps)
+    assert (tmp_path / "ckpt" / "manifest.json").is_file() and result.detector.is_fitted
+    assert fit_options(create_detector(cfg), print, tmp_path) == {"log_step": print, "checkpoint_dir": tmp_path}
+    patchcore = tiny_config_for("patchcore")
+    assert fit_options(create_detector(patchcore), print, tmp_path) == {}
+    assert fit_line(patchcore, tiny_line, log_step=lambda *a: steps.append(a)).detector.is_fitted
+    assert len(steps) == iterations  # PatchCore reported no steps
 
 
 def test_evaluate_split(tiny_config: Config, tiny_line: Path) -> None:
