@@ -471,3 +471,23 @@ def split_calibration(samples: Sequence[Sample], fraction: float, seed: int) -> 
     held = set(ranks[:k])
     return (tuple(s for i, s in enumerate(samples) if i not in held),
             tuple(s for i, s in enumerate(samples) if i in held))
+
+
+def expand_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Image files to score: files as given, folders searched recursively for image files (sorted).
+    DataError for a path that does not exist, a folder without images, or nothing at all."""
+    out: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if _is_image_file(p) and p.is_file())
+            if not found:
+                raise DataError(path, "folder holds no image files")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise DataError(path, "no such file or folder")
+    if not out:
+        raise DataError(Path("."), "no images given to score")
+    return out

@@ -260,6 +260,21 @@ def verified_files(directory: str | Path, expected_method: str) -> dict[str, Pat
     return out
 
 
+def read_saved_model(directory: str | Path, method: str, needed: tuple[str, ...]) -> tuple[dict[str, Path], dict]:
+    """Checksum-verified files of a saved `method` model and its parsed metadata.json.
+
+    ArtifactError names the file when one of `needed` (metadata.json always) is missing."""
+    files = verified_files(directory, method)
+    for name in (*needed, "metadata.json"):
+        if name not in files:
+            raise ArtifactError(f"{Path(directory) / name}: missing from the saved model")
+    try:
+        meta = json.loads(files["metadata.json"].read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{files['metadata.json']}: not valid JSON ({exc})") from None
+    return files, meta
+
+
 def _rmtree(path: Path) -> None:
     import shutil
 

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from components.backbones import WeightsError
 from components.config import ConfigError, load_config
-from components.data import IMAGE_EXTENSIONS, DataError, Sample, iter_batches
+from components.data import DataError, Sample, expand_images, iter_batches
 from components.detector import ArtifactError, NotFittedError, load_detector
 from flows.progress import progress_bars
 
@@ -93,22 +93,6 @@ def evaluate(model: ModelOpt, data: DataOpt,
                **result.report.to_dict()}
     _atomic_write_text(json_out, json.dumps(payload, indent=2))
     console.print(f"metrics written to {json_out}")
-
-
-def expand_images(paths: list[Path]) -> list[Path]:
-    """Files as given, folders searched recursively for image files (sorted)."""
-    out = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not found:
-                raise DataError(path, "folder holds no image files")
-            out.extend(found)
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise DataError(path, "no such file or folder")
-    return out
 
 
 @app.command()

@@ -23,7 +23,7 @@ from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from components.config import Config, load_config
-from components.data import IMAGE_EXTENSIONS, DataError, Sample, iter_batches
+from components.data import Sample, expand_images, iter_batches
 from components.detector import load_detector
 from components.report import overlay, save_png
 from components.training import preprocess_for, to_uint8_image
@@ -32,25 +32,6 @@ from flows.retrain import model_name, object_store, retry_on_network_error
 
 DEFECTIVE, GOOD, UNDECIDED = "defective", "good", "n/a"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def expand_images(paths: list[str]) -> list[Path]:
-    """Files as given, folders searched recursively for image files (sorted); DataError for a bad path."""
-    out: list[Path] = []
-    for text in paths:
-        path = Path(text)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not found:
-                raise DataError(path, "folder holds no image files")
-            out.extend(found)
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise DataError(path, "no such file or folder")
-    if not out:
-        raise DataError(Path("."), "no images given to score")
-    return out
 
 
 def _unique_names(files: list[Path]) -> list[str]:

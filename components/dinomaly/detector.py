@@ -30,8 +30,8 @@ from components.detector import (
     ProgressFn,
     ScoreBatch,
     iter_image_batches,
+    read_saved_model,
     register_detector,
-    verified_files,
     write_model_dir,
 )
 from components.dinomaly import trainer
@@ -172,11 +172,7 @@ class Dinomaly(BaseDetector):
 
     @classmethod
     def load(cls, directory: str | Path) -> Dinomaly:
-        files = verified_files(directory, "dinomaly")
-        for needed in ("decoder.safetensors", "encoder.safetensors", "metadata.json"):
-            if needed not in files:
-                raise ArtifactError(f"{Path(directory) / needed}: missing from the saved model")
-        meta = json.loads(files["metadata.json"].read_text())
+        files, meta = read_saved_model(directory, "dinomaly", ("decoder.safetensors", "encoder.safetensors"))
         det = cls(validate(meta["config"], source=str(files["metadata.json"])))
         desc = meta["encoder"]
         encoder = rebuild_encoder(desc, load_file(str(files["encoder.safetensors"])), files["encoder.safetensors"])

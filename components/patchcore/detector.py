@@ -21,14 +21,13 @@ from components import coreset, knn, maps
 from components.backbones import FeatureExtractor, WeightsInfo, build_extractor
 from components.config import Config, validate
 from components.detector import (
-    ArtifactError,
     BaseDetector,
     ImageInput,
     ProgressFn,
     ScoreBatch,
     iter_image_batches,
+    read_saved_model,
     register_detector,
-    verified_files,
     write_model_dir,
 )
 from components.patchcore.model import PatchEmbedder
@@ -211,11 +210,7 @@ class PatchCore(BaseDetector):
 
     @classmethod
     def load(cls, directory: str | Path) -> PatchCore:
-        files = verified_files(directory, "patchcore")
-        for needed in ("bank.safetensors", "backbone.safetensors", "metadata.json"):
-            if needed not in files:
-                raise ArtifactError(f"{Path(directory) / needed}: missing from the saved model")
-        meta = json.loads(files["metadata.json"].read_text())
+        files, meta = read_saved_model(directory, "patchcore", ("bank.safetensors", "backbone.safetensors"))
         det = cls(validate(meta["config"], source=str(files["metadata.json"])))
         bb = meta["backbone"]
         body = timm.create_model(bb["name"], pretrained=False, features_only=True, out_indices=tuple(bb["layers"]))
