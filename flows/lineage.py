@@ -17,7 +17,13 @@ from typing import Any
 
 from flows import tracking
 from flows.promote import metrics_from_tags
-from flows.storage import ChecksumError, ObjectNotFoundError, ObjectStore, StorageError, parse_uri
+from flows.storage import (
+    ChecksumError,
+    ManifestError,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,23 +58,18 @@ def verify_bank(store: ObjectStore, uri: str, sha256: str) -> dict[str, Any]:
     out: dict[str, Any] = {"uri": uri, "sha256": sha256, "verified": None, "files": {}, "problem": None,
                            "checked_at": datetime.now(UTC).isoformat(timespec="seconds")}
     try:
-        manifest = json.loads(store.get_bytes(uri, sha256))
-        bucket, key = parse_uri(uri)
-        base = key.rsplit("/", 2)[0]
-        for rel, entry in sorted(manifest["files"].items()):
-            file_uri = f"s3://{bucket}/{base}/{entry['sha256']}/{rel.rsplit('/', 1)[-1]}"
-            out["files"][rel] = store.verify(file_uri, entry["sha256"])
+        out["files"] = store.verify_dir(uri, sha256)
     except ChecksumError as exc:
         out.update(verified=False, problem=f"manifest changed: {exc.reason}")
         return out
     except ObjectNotFoundError:
         out.update(verified=False, problem="manifest object missing from the store")
         return out
+    except ManifestError as exc:
+        out.update(verified=False, problem=f"manifest unreadable ({exc.reason})")
+        return out
     except StorageError as exc:
         out["problem"] = f"could not verify: {exc}"
-        return out
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        out.update(verified=False, problem=f"manifest unreadable ({type(exc).__name__})")
         return out
     bad = [rel for rel, ok in out["files"].items() if not ok]
     out["verified"] = not bad

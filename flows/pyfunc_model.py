@@ -12,6 +12,8 @@ model's own manifest again. Credentials come from the environment of the process
     model = mlflow.pyfunc.load_model("models:/defectops-cookie@champion")
     model.predict(pd.DataFrame({"image_path": ["a.png", "b.png"]}))
     # -> image_path, score, decision ("anomalous" | "good"; None without a threshold), threshold
+    unified = mlflow.pyfunc.load_model("models:/defectops-unified-plant@champion")
+    unified.predict(pd.DataFrame({"image_path": ["a.png"], "line": ["cookie"]}))  # cookie's threshold
 
 This file and flows/tracking.py are the only modules that import mlflow: an MLflow model defined by code
 has to subclass `PythonModel` and call `set_model`.
@@ -71,20 +73,33 @@ class DefectOpsModel(PythonModel):
         self.detector = fetch_detector(context.model_config or {}, Path(self._workdir.name) / "model")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """model_input: a DataFrame with an `image_path` column -> one row per image, in order."""
+        """model_input: a DataFrame with an `image_path` column and, for a model trained on several lines
+        (a unified model), a `line` column choosing each row's threshold -> one row per image, in order."""
         if not isinstance(model_input, pd.DataFrame) or "image_path" not in model_input.columns:
             raise ValueError("predict expects a pandas DataFrame with an 'image_path' column")
-        paths = [str(p) for p in model_input["image_path"]]
-        scores = score_paths(self.detector, paths)
-        threshold = getattr(self.detector, "threshold_", None)
-        if threshold is None:
-            decisions = [None] * len(paths)
-            level = float("nan")
-        else:
-            decisions = [ANOMALOUS if a else GOOD for a in threshold.decide_image(scores)]
-            level = float(threshold.image)
-        return pd.DataFrame({"image_path": paths, "score": scores.astype(np.float64), "decision": decisions,
-                             "threshold": [level] * len(paths)}, columns=list(OUTPUT_COLUMNS))
+        return predict_frame(self.detector, model_input)
+
+
+def predict_frame(detector: Detector, frame: pd.DataFrame) -> pd.DataFrame:
+    """Score `frame.image_path`; rows are grouped by `frame.line` when present (detector.for_line(line)
+    then supplies that line's threshold; an unknown line is a ValueError naming it)."""
+    paths = [str(p) for p in frame["image_path"]]
+    lines = [None if pd.isna(v) else str(v) for v in frame["line"]] if "line" in frame.columns else [None] * len(paths)
+    scores = np.zeros(len(paths), dtype=np.float64)
+    decisions: list[str | None] = [None] * len(paths)
+    levels = [float("nan")] * len(paths)
+    for line in dict.fromkeys(lines):
+        rows = [i for i, value in enumerate(lines) if value == line]
+        det = detector.for_line(line) if line is not None and hasattr(detector, "for_line") else detector
+        line_scores = score_paths(det, [paths[i] for i in rows])
+        threshold = getattr(det, "threshold_", None)
+        flags = threshold.decide_image(line_scores) if threshold is not None else [None] * len(rows)
+        for i, score, flag in zip(rows, line_scores, flags, strict=True):
+            scores[i] = float(score)
+            if threshold is not None:
+                decisions[i], levels[i] = (ANOMALOUS if flag else GOOD), float(threshold.image)
+    return pd.DataFrame({"image_path": paths, "score": scores, "decision": decisions, "threshold": levels},
+                        columns=list(OUTPUT_COLUMNS))
 
 
 def score_paths(detector: Detector, paths: list[str]) -> np.ndarray:

@@ -72,6 +72,10 @@ class ChecksumError(StorageError):
     """Downloaded bytes do not hash to the expected sha256; nothing was written at the destination."""
 
 
+class ManifestError(StorageError):
+    """A directory manifest that is not a valid, safe defectops manifest."""
+
+
 class InvalidKeyError(StorageError, ValueError):
     """A prefix, filename or manifest path is not made of safe parts ``[A-Za-z0-9._-]+``."""
 
@@ -317,22 +321,33 @@ class ObjectStore:
 
     def get_dir(self, uri: str, dest: Path, expected_sha256: str, *, overwrite: bool = False) -> Path:
         """Fetch a ``put_dir`` manifest and every file it lists, each verified; rename the whole onto ``dest``."""
-        bucket, key = parse_uri(uri)
-        files = self._parse_manifest(self.get_bytes(uri, expected_sha256), bucket, key)
-        base = key.rsplit("/", 2)[0]
+        entries = self._dir_entries(uri, expected_sha256)
         dest = Path(dest)
         if dest.exists() and not overwrite:
             raise FileExistsError(f"{dest}: already exists; remove it, pass overwrite=True or choose another path")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
         try:
-            for rel, (sha, _size) in files.items():
-                self.get_file(f"s3://{bucket}/{base}/{sha}/{rel.rsplit('/', 1)[-1]}", tmp / rel, sha)
+            for rel, (file_uri, sha) in entries.items():
+                self.get_file(file_uri, tmp / rel, sha)
             tmp.chmod(0o755)
             _replace_dir(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
+
+    def verify_dir(self, uri: str, expected_sha256: str) -> dict[str, bool]:
+        """Re-download a ``put_dir`` manifest (ChecksumError if it changed) and hash every file it lists:
+        relative path -> True when the stored bytes still match."""
+        return {rel: self.verify(file_uri, sha) for rel, (file_uri, sha) in
+                sorted(self._dir_entries(uri, expected_sha256).items())}
+
+    def _dir_entries(self, uri: str, expected_sha256: str) -> dict[str, tuple[str, str]]:
+        """The verified manifest at ``uri`` -> {relative path: (object URI, sha256)} (put_dir's key layout)."""
+        bucket, key = parse_uri(uri)
+        files = self._parse_manifest(self.get_bytes(uri, expected_sha256), bucket, key)
+        base = key.rsplit("/", 2)[0]
+        return {rel: (f"s3://{bucket}/{base}/{sha}/{rel.rsplit('/', 1)[-1]}", sha) for rel, (sha, _size) in files.items()}
 
     def _parse_manifest(self, data: bytes, bucket: str, key: str) -> dict[str, tuple[str, int]]:
         try:
@@ -341,10 +356,10 @@ class ObjectStore:
                 raise ValueError(manifest.get("format"))
             files = {rel: (e["sha256"], int(e["size"])) for rel, e in manifest["files"].items()}
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise StorageError(self.endpoint_url, bucket, key, f"not a {MANIFEST_FORMAT} manifest") from None
+            raise ManifestError(self.endpoint_url, bucket, key, f"not a {MANIFEST_FORMAT} manifest") from None
         for rel, (sha, _size) in files.items():
             if _bad_part(rel.split("/")) is not None or not _SHA_RE.match(str(sha)):
-                raise StorageError(self.endpoint_url, bucket, key, f"manifest entry {rel!r} is not safe")
+                raise ManifestError(self.endpoint_url, bucket, key, f"manifest entry {rel!r} is not safe")
         return files
 
     def verify(self, uri: str, expected_sha256: str) -> bool:

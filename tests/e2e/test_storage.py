@@ -19,6 +19,7 @@ from flows.storage import (
     ChecksumError,
     EndpointUnreachableError,
     InvalidKeyError,
+    ManifestError,
     ObjectStore,
     StorageError,
     parse_uri,
@@ -199,3 +200,19 @@ def test_from_env(object_store):
     assert object_store.secret_key not in repr(store)
     with pytest.raises(ValueError, match="DEFECTOPS_BUCKET"):
         ObjectStore.from_env({k: v for k, v in env.items() if k != "DEFECTOPS_BUCKET"})
+
+
+def test_verify_dir_names_the_changed_file(store, object_store, tmp_path):
+    model = tmp_path / "vd"
+    _file(model / "bank.bin", os.urandom(500))
+    _file(model / "meta.json", b'{"k": 1}')
+    manifest = store.put_dir(model, "models/verify")
+    assert store.verify_dir(manifest.uri, manifest.sha256) == {"bank.bin": True, "meta.json": True}
+    bank_key = f"models/verify/{hashlib.sha256((model / 'bank.bin').read_bytes()).hexdigest()}/bank.bin"
+    _raw(object_store).put_object(Bucket=object_store.bucket, Key=bank_key, Body=b"flipped")
+    assert store.verify_dir(manifest.uri, manifest.sha256) == {"bank.bin": False, "meta.json": True}
+    with pytest.raises(ChecksumError):
+        store.verify_dir(manifest.uri, "0" * 64)
+    _raw(object_store).put_object(Bucket=object_store.bucket, Key=manifest.key, Body=b"not json")
+    with pytest.raises(ManifestError):
+        store.verify_dir(manifest.uri, hashlib.sha256(b"not json").hexdigest())
