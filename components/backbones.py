@@ -144,7 +144,7 @@ def build_classifier(cfg: BackboneConfig) -> tuple[nn.Module, WeightsInfo, tuple
     if source == "hub":
         os.environ.pop("HF_HUB_OFFLINE", None)
         model = timm.create_model(cfg.name, pretrained=True)
-        info = WeightsInfo("hub", f"timm:{cfg.name}", _state_digest(model))
+        info = WeightsInfo("hub", f"timm:{cfg.name}", state_digest(model))
     else:
         # Seeded (without touching the global RNG) so that `weights: random` gives the same network on
         # every fit: the config digest then pins the model, as it does for every other weights source.
@@ -152,7 +152,7 @@ def build_classifier(cfg: BackboneConfig) -> tuple[nn.Module, WeightsInfo, tuple
             torch.manual_seed(RANDOM_INIT_SEED)
             model = timm.create_model(cfg.name, pretrained=False)
         if source == "random":
-            info = WeightsInfo("random", "random-init", _state_digest(model))
+            info = WeightsInfo("random", "random-init", state_digest(model))
         else:
             load_weights_into(model, path)
             info = WeightsInfo(source, str(path), sha256_of(path))
@@ -192,7 +192,8 @@ def _normalisation(name: str, model: nn.Module) -> tuple[tuple, tuple]:
     return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
-def _state_digest(model: nn.Module) -> str:
+def state_digest(model: nn.Module) -> str:
+    """sha256 over a model's state-dict names and tensor bytes (for weights that have no file)."""
     digest = hashlib.sha256()
     for key, tensor in model.state_dict().items():
         digest.update(key.encode())

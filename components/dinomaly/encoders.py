@@ -9,7 +9,6 @@ seeded random (tests). CNN variant: the offline ImageNet CNN of the `backbone` s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ from components.backbones import (
     build_extractor,
     read_state_dict,
     sha256_of,
+    state_digest,
 )
 from components.config import BackboneConfig
 from components.dinomaly.config import DinomalyConfig
@@ -129,12 +129,12 @@ def _vit_with_weights(params: DinomalyConfig, allow_network: bool) -> tuple[nn.M
             raise WeightsError(f"vit_weights: hub for {params.vit_name!r} needs backbone.allow_network=true")
         os.environ.pop("HF_HUB_OFFLINE", None)
         vit = _create_vit(params.vit_name, pretrained=True)
-        return vit, WeightsInfo("hub", f"timm:{params.vit_name}", _state_digest(vit))
+        return vit, WeightsInfo("hub", f"timm:{params.vit_name}", state_digest(vit))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         vit = _create_vit(params.vit_name)
     if source == "random":
-        return vit, WeightsInfo("random", "random-init", _state_digest(vit))
+        return vit, WeightsInfo("random", "random-init", state_digest(vit))
     path = Path(params.vit_weights_file)
     # pruned first: a file needs only the blocks up to the last target layer (e.g. a saved encoder)
     vit.prune_intermediate_layers(indices=list(params.target_layers), prune_norm=True, prune_head=True)
@@ -163,9 +163,3 @@ def _load_vit_file(vit: nn.Module, path: Path) -> None:
     vit.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
-def _state_digest(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
