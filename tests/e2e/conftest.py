@@ -86,6 +86,25 @@ def services_env(services: ServiceState, monkeypatch: pytest.MonkeyPatch) -> dic
     return env
 
 
+@pytest.fixture(scope="module")
+def env(_shared_services: _SharedServices):
+    """(state, ObjectStore) with SeaweedFS + MLflow up and this module's client environment set
+    (tests/e2e/tiny_line.connect); used by the tracking, promotion and lineage tests."""
+    from tests.e2e.tiny_line import connect
+
+    state = _shared_services.ensure(("seaweedfs", "mlflow"))
+    with pytest.MonkeyPatch.context() as mp:
+        yield state, connect(state, mp)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny fitted and evaluated PatchCore on a small brick line (tests/e2e/tiny_line.build_tiny)."""
+    from tests.e2e.tiny_line import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
 @pytest.fixture
 def store(object_store: ServiceState) -> ObjectStore:
     return ObjectStore(object_store.s3_endpoint, object_store.bucket, object_store.access_key,

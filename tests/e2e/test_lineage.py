@@ -13,19 +13,7 @@ from components.config import flatten
 from flows import tracking
 from flows.lineage import LineageError, lineage, parse_model_ref, render
 from flows.promote import apply_gate
-from tests.e2e.tiny_line import build_tiny, connect, unique_name, upload, version_tags
-
-
-@pytest.fixture(scope="module")
-def env(_shared_services):
-    state = _shared_services.ensure(("seaweedfs", "mlflow"))
-    with pytest.MonkeyPatch.context() as mp:
-        yield state, connect(state, mp)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny"))
+from tests.e2e.tiny_line import unique_name, upload, version_tags
 
 
 @pytest.fixture(scope="module")

@@ -15,25 +15,13 @@ import pytest
 from components.config import PromotionConfig
 from flows import tracking
 from flows.promote import apply_gate
-from tests.e2e.tiny_line import build_tiny, connect, unique_name, upload, version_tags
+from tests.e2e.tiny_line import unique_name, upload, version_tags
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 CFG = PromotionConfig(image_auroc_tolerance=0.01, aupro_tolerance=0.02, latency_budget_ms=1000.0,
                       min_image_auroc=0.6, min_aupro=0.1)
 PINNED = "a" * 64
-
-
-@pytest.fixture(scope="module")
-def env(_shared_services):
-    state = _shared_services.ensure(("seaweedfs", "mlflow"))
-    with pytest.MonkeyPatch.context() as mp:
-        yield state, connect(state, mp)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

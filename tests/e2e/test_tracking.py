@@ -19,7 +19,7 @@ from PIL import Image
 from components.config import load_config
 from flows import tracking
 from flows.storage import ChecksumError
-from tests.e2e.tiny_line import build_tiny, connect, unique_name, upload, version_tags
+from tests.e2e.tiny_line import unique_name, upload, version_tags
 
 E2E = (pytest.mark.services, pytest.mark.slow)
 
@@ -28,19 +28,6 @@ def e2e(test):
     for mark in E2E:
         test = mark(test)
     return test
-
-
-@pytest.fixture(scope="module")
-def env(_shared_services):
-    state = _shared_services.ensure(("seaweedfs", "mlflow"))
-    with pytest.MonkeyPatch.context() as mp:
-        store = connect(state, mp)
-        yield state, store
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
