@@ -3,7 +3,6 @@ flows.ops_cli). User mistakes print one clear line and exit non-zero; `--debug` 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from rich.table import Table
 
 from components.backbones import WeightsError
 from components.config import ConfigError, load_config
-from components.data import DataError, Sample, expand_images, iter_batches
+from components.data import DataError, expand_images
 from components.detector import ArtifactError, NotFittedError, load_detector
 from flows.progress import progress_bars
 
@@ -101,36 +100,17 @@ def predict(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="
             quiet: QuietOpt = False) -> None:
     """Score images: per-image score, decision and a heatmap overlay PNG. Nothing is written unless all
     images were read and scored."""
-    from components.report import overlay, save_png
-    from components.training import preprocess_for, to_uint8_image
+    from components.prediction import write_predictions
 
     det = load_detector(model)
     files = expand_images(images)
-    samples = [Sample(p, "unknown", -1, None) for p in files]
-    threshold = det.threshold_
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
     completed = False
     try:
-        rows, names = [], _unique_names(files)
         with progress_bars(err_console, not quiet) as progress:
-            for batch in iter_batches(samples, preprocess_for(det.cfg.data), det.cfg.data.batch_size,
-                                      max_pixels=det.cfg.data.max_image_pixels):
-                scores = det.score(batch.images)
-                for i, sample in enumerate(batch.samples):
-                    name = names[len(rows)]
-                    score = float(scores.image_scores[i])
-                    flagged = None if threshold is None else bool(score > threshold.image)
-                    pixel_t = threshold.pixel if threshold is not None else None
-                    save_png(overlay(to_uint8_image(batch.images[i]), scores.anomaly_maps[i], pixel_t),
-                             staging / f"{name}_overlay.png")
-                    rows.append({"image": str(sample.path), "score": score,
-                                 "decision": {None: "n/a", True: "defective", False: "good"}[flagged],
-                                 "overlay": f"{name}_overlay.png"})
-                if progress:
-                    progress("predict", len(rows), len(samples))
-        _write_predictions(staging, rows, threshold)
+            rows = write_predictions(det, files, staging, progress=progress)
         for item in staging.iterdir():
             os.replace(item, out / item.name)
         completed = True
@@ -145,25 +125,6 @@ def predict(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="
         table.add_row(row["image"], f"{row['score']:.4f}", row["decision"])
     console.print(table)
     console.print(f"overlays, predictions.csv and predictions.json in {out}")
-
-
-def _unique_names(files: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    names = []
-    for f in files:
-        n = seen.get(f.stem, 0)
-        seen[f.stem] = n + 1
-        names.append(f.stem if n == 0 else f"{f.stem}-{n}")
-    return names
-
-
-def _write_predictions(folder: Path, rows: list[dict], threshold) -> None:
-    with open(folder / "predictions.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "score", "decision", "overlay"])
-        writer.writeheader()
-        writer.writerows(rows)
-    meta = {"threshold": threshold.to_dict() if threshold is not None else None, "predictions": rows}
-    (folder / "predictions.json").write_text(json.dumps(meta, indent=2))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -11,9 +11,7 @@ the score distribution are logged to an MLflow run in ``defectops/<line>`` tagge
 
 from __future__ import annotations
 
-import csv
 import json
-import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,27 +21,11 @@ from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from components.config import Config, load_config
-from components.data import Sample, expand_images, iter_batches
+from components.data import expand_images
 from components.detector import load_detector
-from components.report import overlay, save_png
-from components.training import preprocess_for, to_uint8_image
+from components.prediction import DEFECTIVE, GOOD, write_predictions
 from flows import tracking
 from flows.retrain import model_name, object_store, retry_on_network_error
-
-DEFECTIVE, GOOD, UNDECIDED = "defective", "good", "n/a"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _unique_names(files: list[Path]) -> list[str]:
-    """Object-key-safe stems ([A-Za-z0-9._-]), made unique with -1, -2... suffixes."""
-    seen: dict[str, int] = {}
-    names = []
-    for f in files:
-        stem = _UNSAFE.sub("_", f.stem).strip("._") or "image"
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        names.append(stem if n == 0 else f"{stem}-{n}")
-    return names
 
 
 def score_distribution(scores: np.ndarray) -> dict[str, float]:
@@ -93,27 +75,8 @@ def score_images(model_dir: str, images: list[str], out_dir: str, line: str | No
             raise tracking.RegistryError(f"{model_dir}: a {detector.name} model, not a unified one: it cannot "
                                          f"serve line {line!r} through serve_from")
         detector = detector.for_line(line)
-    files = expand_images(images)
-    names, data, threshold = _unique_names(files), detector.cfg.data, detector.threshold_
     out = Path(out_dir)
-    rows: list[dict] = []
-    samples = [Sample(p, "unknown", -1, None) for p in files]
-    for batch in iter_batches(samples, preprocess_for(data), data.batch_size, max_pixels=data.max_image_pixels):
-        scores = detector.score(batch.images)
-        for i, sample in enumerate(batch.samples):
-            name, score = names[len(rows)], float(scores.image_scores[i])
-            decision = UNDECIDED if threshold is None else (DEFECTIVE if score > threshold.image else GOOD)
-            save_png(overlay(to_uint8_image(batch.images[i]), scores.anomaly_maps[i],
-                             threshold.pixel if threshold is not None else None),
-                     out / "overlays" / f"{name}_overlay.png")
-            rows.append({"image": str(sample.path), "score": score, "decision": decision,
-                         "overlay": f"overlays/{name}_overlay.png"})
-    with open(out / "predictions.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "score", "decision", "overlay"])
-        writer.writeheader()
-        writer.writerows(rows)
-    payload = {"threshold": threshold.to_dict() if threshold is not None else None, "predictions": rows}
-    (out / "predictions.json").write_text(json.dumps(payload, indent=2))
+    rows = write_predictions(detector, expand_images(images), out, "overlays")
     counts = {"n_images": len(rows), **{f"n_{d}": sum(r["decision"] == d for r in rows) for d in (DEFECTIVE, GOOD)}}
     return {"counts": counts, "distribution": score_distribution(np.array([r["score"] for r in rows])),
             "predictions": rows}
