@@ -38,8 +38,10 @@ def run_one(line: str, backbone: str, overrides: list[str], threads: int, max_tr
     from components.evaluation import evaluate_split
     from components.training import fit_line, preprocess_for
 
-    sets = [f"backbone.name={backbone}", "data.calibration_fraction=0", f"detector.patchcore.threads={threads}",
-            *overrides]
+    sets = [f"backbone.name={backbone}", "data.calibration_fraction=0", *overrides]
+    detector = load_config(ROOT / "params.yaml", sets).detector
+    if "threads" in type(getattr(detector, detector.method)).model_fields:
+        sets.insert(2, f"detector.{detector.method}.threads={threads}")  # the configured method's; --set still wins
     cfg = load_config(ROOT / "params.yaml", sets)
     t0 = time.perf_counter()
     fitted = fit_line(cfg, DATASETS / line, max_train)
@@ -95,7 +97,7 @@ def main() -> None:
         return
     lines = args.lines or sorted(p.name for p in DATASETS.iterdir() if (p / "train").is_dir())
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     for line in lines:
         for backbone in args.backbones:
             cmd = [sys.executable, __file__, "--worker", line, backbone, "--threads", str(args.threads)]

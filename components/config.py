@@ -17,6 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.dinomaly.config import DinomalyConfig
+from components.divide_assemble.config import DivideAssembleConfig
+from components.students.config import StudentsConfig
+from components.transformaly.config import TransformalyConfig
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -43,7 +46,7 @@ class DataConfig(Section):
 
 class BackboneConfig(Section):
     name: str = "mobilenetv2_100"
-    layers: tuple[Annotated[int, Field(ge=0)], ...] = (2, 3)
+    layers: Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1)] = (2, 3)  # error at backbone.layers
     weights: Literal["auto", "packaged", "file", "hub", "random"] = "auto"
     weights_file: Path | None = None
     allow_network: bool = False
@@ -73,6 +76,11 @@ class PatchCoreConfig(Section):
     image_score: Literal["reweighted", "max"] = "reweighted"
     smoothing_sigma: Annotated[float, Field(ge=0.0)] = 4.0
     feature_dtype: Literal["float32", "float16"] = "float32"
+    # fit: patch features to an on-disk store (same selection; RAM grows with N * projection_dim, not N * D):
+    # auto = spill once the in-memory features pass stream_threshold_mb; feature_dir: store folder (None: TMPDIR)
+    stream_features: bool | Literal["auto"] = "auto"
+    stream_threshold_mb: PositiveInt = 2048
+    feature_dir: Path | None = None
     threads: Annotated[int, Field(ge=0)] = 0
 
 
@@ -80,6 +88,9 @@ class DetectorConfig(Section):
     method: str = "patchcore"
     patchcore: PatchCoreConfig = PatchCoreConfig()
     dinomaly: DinomalyConfig = DinomalyConfig()
+    divide_assemble: DivideAssembleConfig = DivideAssembleConfig()
+    students: StudentsConfig = StudentsConfig()
+    transformaly: TransformalyConfig = TransformalyConfig()
 
 
 class ThresholdConfig(Section):

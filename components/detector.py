@@ -172,7 +172,10 @@ def load_detector(directory: str | Path) -> Detector:
 
 def _import_builtin() -> None:
     import components.dinomaly.detector  # noqa: F401  (registers itself; the package __init__ stays lazy)
+    import components.divide_assemble.detector  # noqa: F401  (registers itself)
     import components.patchcore  # noqa: F401  (registers itself)
+    import components.students.detector  # noqa: F401  (registers itself)
+    import components.transformaly.detector  # noqa: F401  (registers itself)
 
 
 # --------------------------------------------------------------------------------------- artifacts
@@ -256,8 +259,22 @@ def verified_files(directory: str | Path, expected_method: str) -> dict[str, Pat
         actual = sha256_file(path)
         if actual != entry["sha256"]:
             raise ArtifactError(f"{path}: sha256 mismatch (expected {entry['sha256'][:12]}…, got {actual[:12]}…)")
+        if path.suffix == ".safetensors":
+            _check_safetensors(path)
         out[name] = path
     return out
+
+
+def _check_safetensors(path: Path) -> None:
+    """ArtifactError naming the file unless its header parses as safetensors (a file that matches its
+    manifest can still be something else, e.g. a pickle planted with a re-hashed manifest)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean "not safetensors"
+        raise ArtifactError(f"{path}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
 
 
 def read_saved_model(directory: str | Path, method: str, needed: tuple[str, ...]) -> tuple[dict[str, Path], dict]:

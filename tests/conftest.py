@@ -24,6 +24,9 @@ from scipy import ndimage  # noqa: E402
 
 from components.config import Config, validate  # noqa: E402
 
+# The real-services fixtures, shared by tests/e2e and tests/reliability (one set of services per session).
+pytest_plugins = ("tests.service_fixtures",)
+
 TINY_PARAMS = {
     "data": {"image_size": [64, 64], "batch_size": 4, "calibration_fraction": 0.25, "seed": 0},
     "backbone": {"name": "test_resnet", "layers": [1, 2], "weights": "random"},
@@ -38,6 +41,15 @@ TINY_METHOD_PARAMS: dict[str, dict] = {
     "dinomaly": {"encoder": "cnn-variant", "cnn_layers": [1, 2, 3], "cnn_token_level": 1, "decoder_depth": 2,
                  "num_groups": 2, "iterations": 6, "warmup_steps": 1, "batch_size": 4, "mining_ramp": 0.5,
                  "smoothing_sigma": 2.0, "seed": 0, "device": "cpu", "threads": 1},
+    "divide_assemble": {"image_size": 64, "channels": [8, 16, 16], "memory_size": 16, "block_sizes": [2, 4],
+                        "iterations": 12, "batch_size": 4, "smoothing_sigma": 2.0, "seed": 0, "device": "cpu",
+                        "threads": 1},
+    "transformaly": {"encoder": "cnn-variant", "cnn_blocks": [1, 2], "epochs": 5, "batch_size": 4,
+                     "smoothing_sigma": 2.0, "seed": 0, "device": "cpu", "threads": 1},
+    "students": {"patch_sizes": [9], "channels": 8, "descriptor_dim": 8, "teacher_patches": 64,
+                 "teacher_iterations": 8, "teacher_batch_size": 16, "distill_size": 32, "num_students": 2,
+                 "iterations": 30, "batch_size": 2, "crop_size": 24, "lr": 1e-3, "teacher_cache": False,
+                 "stats_max_images": 4, "smoothing_sigma": 2.0, "seed": 0, "device": "cpu", "threads": 1},
 }
 SIZE = 64
 SQUARE = (20, 36, 24, 40)  # top, bottom, left, right of the bright square (16 x 16 px)

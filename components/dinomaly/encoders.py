@@ -10,26 +10,18 @@ seeded random (tests). CNN variant: the offline ImageNet CNN of the `backbone` s
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-from components.backbones import (
-    RANDOM_INIT_SEED,
-    FeatureExtractor,
-    WeightsError,
-    WeightsInfo,
-    build_extractor,
-    read_state_dict,
-    sha256_of,
-    state_digest,
-)
+from components.backbones import FeatureExtractor, WeightsError, WeightsInfo, build_extractor
+from components.checkpoints import cpu_state
 from components.config import BackboneConfig
 from components.dinomaly.config import DinomalyConfig
 from components.dinomaly.model import CNNTokenEncoder, ViTEncoder
+from components.vit import create_vit, vit_normalisation, vit_with_weights
 
 logger = logging.getLogger(__name__)
 Encoder = ViTEncoder | CNNTokenEncoder
@@ -65,15 +57,14 @@ def encoder_description(encoder: Encoder, params: DinomalyConfig, backbone: Back
 
 def encoder_state(encoder: Encoder) -> dict[str, torch.Tensor]:
     """The frozen weights to save (the ViT pruned after its last target layer, or the CNN body)."""
-    module = encoder.vit if isinstance(encoder, ViTEncoder) else encoder.extractor.body
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return cpu_state(encoder.vit if isinstance(encoder, ViTEncoder) else encoder.extractor.body)
 
 
 def rebuild_encoder(desc: dict, state: dict[str, torch.Tensor], origin: Path) -> Encoder:
     """Inverse of encoder_description + encoder_state; every tensor must fit (strict load)."""
     try:
         if desc["kind"] == "vit":
-            vit = _create_vit(desc["name"])
+            vit = create_vit(desc["name"])
             vit.prune_intermediate_layers(indices=list(desc["layers"]), prune_norm=True, prune_head=True)
             vit.load_state_dict(state, strict=True)
             encoder = ViTEncoder(vit, tuple(desc["layers"]), tuple(desc["mean"]), tuple(desc["std"]))
@@ -91,75 +82,20 @@ def rebuild_encoder(desc: dict, state: dict[str, torch.Tensor], origin: Path) ->
 
 
 # -------------------------------------------------------------------------------------------- ViT
-def _create_vit(name: str, pretrained: bool = False) -> nn.Module:
-    if not pretrained and not timm.is_model(name):
-        raise WeightsError(f"unknown ViT {name!r}: not a timm model name (e.g. vit_base_patch14_reg4_dinov2)")
-    return timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, num_classes=0)
-
-
 def _wrap_vit(vit: nn.Module, layers: tuple[int, ...]) -> ViTEncoder:
     if not hasattr(vit, "forward_intermediates") or not hasattr(vit, "blocks"):
         raise WeightsError(f"{type(vit).__name__} is not a timm VisionTransformer")
     if max(layers) >= len(vit.blocks):
         raise WeightsError(f"target_layers {list(layers)} exceed the ViT's {len(vit.blocks)} blocks")
     vit.prune_intermediate_layers(indices=list(layers), prune_norm=True, prune_head=True)
-    mean, std = _vit_normalisation(vit)
+    mean, std = vit_normalisation(vit)
     encoder = ViTEncoder(vit, tuple(layers), mean, std)
     for param in encoder.parameters():
         param.requires_grad_(False)
     return encoder
 
 
-def _vit_normalisation(vit: nn.Module) -> tuple[tuple, tuple]:
-    cfg = getattr(vit, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-
-
 def _vit_with_weights(params: DinomalyConfig, allow_network: bool) -> tuple[nn.Module, WeightsInfo]:
-    source = params.vit_weights
-    if source == "auto":
-        source = "file" if params.vit_weights_file is not None else ("hub" if allow_network else None)
-    if source is None:
-        raise WeightsError(
-            f"no offline weights for {params.vit_name!r}: give detector.dinomaly.vit_weights_file (DINOv2 "
-            "checkpoint, timm or original key names), set backbone.allow_network=true to use the hub, or use "
-            "detector.dinomaly.encoder=cnn-variant with a packaged CNN")
-    if source == "hub":
-        if not allow_network:
-            raise WeightsError(f"vit_weights: hub for {params.vit_name!r} needs backbone.allow_network=true")
-        os.environ.pop("HF_HUB_OFFLINE", None)
-        vit = _create_vit(params.vit_name, pretrained=True)
-        return vit, WeightsInfo("hub", f"timm:{params.vit_name}", state_digest(vit))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        vit = _create_vit(params.vit_name)
-    if source == "random":
-        return vit, WeightsInfo("random", "random-init", state_digest(vit))
-    path = Path(params.vit_weights_file)
-    # pruned first: a file needs only the blocks up to the last target layer (e.g. a saved encoder)
-    vit.prune_intermediate_layers(indices=list(params.target_layers), prune_norm=True, prune_head=True)
-    _load_vit_file(vit, path)
-    return vit, WeightsInfo("file", str(path), sha256_of(path))
-
-
-def _load_vit_file(vit: nn.Module, path: Path) -> None:
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    state = read_state_dict(path)
-    try:
-        state = checkpoint_filter_fn(state, vit)
-    except Exception as exc:  # timm's converter raises assorted errors on foreign checkpoints
-        raise WeightsError(f"{path}: not a ViT checkpoint timm can convert ({type(exc).__name__}: {exc})") from None
-    own = vit.state_dict()
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise WeightsError(f"{path}: lacks {len(missing)} ViT tensors, e.g. {missing[:3]}")
-    for key in own:
-        if state[key].shape != own[key].shape:
-            raise WeightsError(f"{path}: {key} {tuple(state[key].shape)} != {tuple(own[key].shape)}")
-    unused = sorted(set(state) - set(own))
-    if unused:
-        logger.info("%s: %d tensors not used by the encoder (e.g. %s)", path, len(unused), unused[:3])
-    vit.load_state_dict({k: state[k] for k in own}, strict=True)
-
-
+    return vit_with_weights(params.vit_name, params.vit_weights, params.vit_weights_file, allow_network,
+                            "detector.dinomaly", "DINOv2 checkpoint, timm or original key names",
+                            prune_to=tuple(params.target_layers))

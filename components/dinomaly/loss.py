@@ -1,4 +1,5 @@
-"""Dinomaly's loose loss with hard-point mining, and the anomaly map / image score it implies.
+"""Dinomaly's loose loss with hard-point mining, and the anomaly map it implies (image score of the map:
+components.maps.top_mean).
 
 Pure functions on group features: encoder and decoder lists of (B, D, h, w), one entry per layer group.
 """
@@ -87,9 +88,3 @@ def anomaly_map(encoder: list[torch.Tensor], decoder: list[torch.Tensor]) -> tor
     """Mean over groups of the per-point cosine distance. G x (B, D, h, w) -> (B, h, w)."""
     return torch.stack([point_distance(e, d) for e, d in zip(encoder, decoder, strict=True)]).mean(dim=0)
 
-
-def top_mean(maps: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Image score: mean of the top `ratio` of each map's values (at least one). (B, H, W) -> (B,)."""
-    flat = maps.flatten(1)
-    k = max(1, int(flat.shape[1] * ratio))
-    return torch.topk(flat, k, dim=1).values.mean(dim=1)

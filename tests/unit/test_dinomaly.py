@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import components.dinomaly.detector  # noqa: F401  (registers "dinomaly")
 from components.backbones import WeightsError
-from components.config import BackboneConfig, ConfigError, validate
+from components.config import BackboneConfig, ConfigError
 from components.detector import (
     ArtifactError,
     NotFittedError,
@@ -33,12 +33,18 @@ from components.dinomaly.loss import (
     mining_quantile_at,
     mining_weights,
     point_distance,
-    top_mean,
 )
 from components.dinomaly.model import DinomalyNet, LinearAttention, elu_feature_map, linear_attention
-from components.dinomaly.trainer import batch_indices, warm_cosine_lr
+from components.dinomaly.trainer import warm_cosine_lr
 from components.dinomaly.unified import fit_unified
-from tests.conftest import TINY_METHOD_PARAMS, TINY_PARAMS, write_line
+from components.maps import top_mean
+from tests.conftest import TINY_METHOD_PARAMS, write_line
+from tests.unit._trained import (
+    assert_same_weights,
+    fit_interrupted_then_resumed,
+    logged_steps,
+    tiny_method_cfg,
+)
 
 TINY_DINOMALY = TINY_METHOD_PARAMS["dinomaly"]  # the tiny CNN-variant section the contract tests use
 TINY_VIT = {"encoder": "vit", "vit_name": "vit_tiny_patch16_224", "vit_weights": "random",
@@ -47,10 +53,7 @@ TINY_VIT = {"encoder": "vit", "vit_name": "vit_tiny_patch16_224", "vit_weights":
 
 def tiny_cfg(**dinomaly):
     """conftest's tiny config (random test_resnet, 64 px) with method dinomaly and `dinomaly` overrides."""
-    raw = copy.deepcopy(TINY_PARAMS)
-    raw["detector"]["method"] = "dinomaly"
-    raw["detector"]["dinomaly"] = {**TINY_DINOMALY, **dinomaly}
-    return validate(raw, source="test_dinomaly")
+    return tiny_method_cfg("dinomaly", **dinomaly)
 
 
 # ------------------------------------------------------------------------------------ linear attention
@@ -192,14 +195,6 @@ def test_warm_cosine_schedule() -> None:
     assert lrs[-1] == pytest.approx(2e-4, rel=1e-3)
 
 
-def test_batches_are_a_seeded_drop_last_permutation_per_epoch() -> None:
-    first_epoch = torch.cat([batch_indices(s, 10, 4, seed=3) for s in range(2)])
-    assert len(set(first_epoch.tolist())) == 8  # 2 full batches, 2 images dropped
-    assert torch.equal(batch_indices(5, 10, 4, 3), batch_indices(5, 10, 4, 3))
-    assert not torch.equal(batch_indices(0, 10, 4, 3), batch_indices(2, 10, 4, 3))
-    assert batch_indices(7, 3, 4, 0).sort().values.tolist() == [0, 1, 2]  # fewer images than the batch
-
-
 # ---------------------------------------------------------------------------------- detector, resume
 def test_registered_fit_score_and_callbacks(textures) -> None:
     assert "dinomaly" in registered_detectors()
@@ -222,23 +217,9 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path: Path, textures,
     cfg = tiny_cfg(checkpoint_every=2, cache_features=cache)
     images = textures(range(6))
     full = Dinomaly(cfg).fit(images)
-
-    class Interrupted(Exception):
-        pass
-
-    def stop_at_3(stage, done, total):
-        if done == 3:
-            raise Interrupted
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(Interrupted):
-        Dinomaly(cfg).fit(images, progress=stop_at_3, checkpoint_dir=ckpt)
-    assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 2
-    steps = []
-    resumed = Dinomaly(cfg).fit(images, log_step=lambda s, m: steps.append(s), checkpoint_dir=ckpt)
-    assert steps == [3, 4, 5, 6] and resumed.fit_stats_["resumed_from_step"] == 2
-    for (name, a), (_, b) in zip(full.net_.state_dict().items(), resumed.net_.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    resumed, steps, left = fit_interrupted_then_resumed(lambda: Dinomaly(cfg), images, tmp_path / "ckpt")
+    assert left == 2 and steps == [3, 4, 5, 6] and resumed.fit_stats_["resumed_from_step"] == 2
+    assert_same_weights(full.net_, resumed.net_)
     good = textures([100, 101])
     np.testing.assert_array_equal(full.score(good).anomaly_maps, resumed.score(good).anomaly_maps)
 
@@ -246,9 +227,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path: Path, textures,
 def test_checkpoint_of_another_run_is_not_resumed(tmp_path: Path, textures) -> None:
     ckpt = tmp_path / "ckpt"
     Dinomaly(tiny_cfg(checkpoint_every=3)).fit(textures(range(6)), checkpoint_dir=ckpt)
-    steps = []
-    Dinomaly(tiny_cfg(checkpoint_every=3, lr=1e-3)).fit(textures(range(6)), checkpoint_dir=ckpt,
-                                                        log_step=lambda s, m: steps.append(s))
+    steps = logged_steps(Dinomaly(tiny_cfg(checkpoint_every=3, lr=1e-3)), textures(range(6)), checkpoint_dir=ckpt)
     assert steps[0] == 1
     model = Dinomaly(tiny_cfg(iterations=2)).fit(textures(range(4))).save(tmp_path / "model")
     with pytest.raises(ArtifactError, match="not a dinomaly checkpoint"):

@@ -61,3 +61,19 @@ def test_to_input_resolution_composes() -> None:
     peak = to_input_resolution(spike, (64, 64), 2.0)[0]
     r, c = divmod(int(peak.argmax()), 64)
     assert abs(r - (5 * 4 + 1.5)) <= 1 and abs(c - (10 * 4 + 1.5)) <= 1
+
+
+@pytest.mark.parametrize(("shape", "size", "sigma"), [
+    ((2, 32, 32), (256, 256), 4.0),   # PatchCore's stride-8 grid at 256 px
+    ((3, 17, 9), (100, 57), 2.5),     # non-square, non-integer scale factors
+    ((1, 6, 8), (6, 8), 4.0),         # no resize, map smaller than the kernel radius (replicate padding)
+    ((2, 7, 5), (12, 30), 4.0),       # replicate padding after the resize
+    ((1, 16, 16), (64, 64), 0.0),     # resize only
+])
+def test_fused_resize_blur_equals_upsample_then_blur(shape: tuple, size: tuple, sigma: float) -> None:
+    """to_input_resolution's per-axis operators give the two-step result within float32 rounding."""
+    grid = torch.from_numpy(np.random.default_rng(1).random(shape).astype(np.float32) * 5)
+    fused = to_input_resolution(grid, size, sigma)
+    two_step = gaussian_blur(upsample(grid, size), sigma)
+    assert fused.shape == (shape[0], *size) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, two_step, rtol=1e-5, atol=1e-5)
