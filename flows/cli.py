@@ -3,6 +3,7 @@ flows.ops_cli). User mistakes print one clear line and exit non-zero; `--debug` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -125,6 +126,31 @@ def predict(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="
         table.add_row(row["image"], f"{row['score']:.4f}", row["decision"])
     console.print(table)
     console.print(f"overlays, predictions.csv and predictions.json in {out}")
+
+
+@app.command()
+def update(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="new good image files or folders")],
+           out: Annotated[Path, typer.Option("--out", help="model folder to write (may be --model itself)")],
+           quiet: QuietOpt = False) -> None:
+    """Add new good images to a saved PatchCore model without re-extracting the old ones (the coreset
+    continues from the bank; old entries are kept). The threshold is kept; metadata records the update."""
+    from components.data import Sample
+    from components.detector import sha256_file
+    from components.training import image_stream
+
+    det = load_detector(model)
+    if not hasattr(det, "update"):
+        raise ValueError(f"{model}: a {det.name} model cannot be updated incrementally (PatchCore can)")
+    files = expand_images(images)
+    digest = hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
+    lineage = {"sources": [str(p) for p in images], "n_files": len(files), "files_sha256": digest}
+    before = len(det.memory_bank_)
+    with progress_bars(err_console, not quiet) as progress:
+        det.update(image_stream([Sample(f, "good", 0) for f in files], det.cfg.data), progress, lineage)
+    det.save(out)
+    record = det.updates_[-1]
+    console.print(f"updated {model} with {record['n_images']} images ({record['n_patches']} patches): bank "
+                  f"{before} -> {len(det.memory_bank_)} entries in {record['seconds']:.1f} s; saved to {out}")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -30,6 +30,8 @@ from components.detector import (
     register_detector,
     write_model_dir,
 )
+from components.patchcore import streaming
+from components.patchcore.features import FeatureStore, FeatureWriter
 from components.patchcore.model import PatchEmbedder
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ class PatchCore(BaseDetector):
         self.grid_: tuple[int, int] | None = None
         self.image_size_: tuple[int, int] | None = None
         self.fit_stats_: dict[str, float] = {}
+        self._coreset_sq_radius = 0.0
+        self.updates_: list[dict] = []  # one record per `update` (images, patches, entries added, data)
 
     @property
     def is_fitted(self) -> bool:
@@ -55,9 +59,80 @@ class PatchCore(BaseDetector):
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(self, images: ImageInput, progress: ProgressFn | None = None) -> PatchCore:
+        """Extract, select the coreset, index it. Features stay in RAM, or stream to an on-disk store
+        (`stream_features`, `stream_threshold_mb`, `feature_dir`); both select the same bank."""
         t0 = time.perf_counter()
-        features = self.extract(images, progress)
-        return self.fit_features(features, progress, extract_s=time.perf_counter() - t0)
+        with streaming.Workspace(self.params.feature_dir) as workspace:
+            got = self._collect(images, progress, workspace)
+            if got.store is None:
+                return self.fit_features(got.features, progress, extract_s=time.perf_counter() - t0)
+            return self._fit_collected(got, progress, time.perf_counter() - t0)
+
+    def fit_store(self, store: FeatureStore, progress: ProgressFn | None = None, extract_s: float = 0.0,
+                  xt: torch.Tensor | None = None) -> PatchCore:
+        """Fit from an on-disk FeatureStore (N, D) without loading it: the coreset runs on its projection
+        xt (d, N) (computed chunk-wise when not given), then the selected rows are read back.
+        Same bank as fit_features(store.read()) for the same seed."""
+        return self._fit_collected(streaming.Collected(None, store, xt), progress, extract_s)
+
+    def _fit_collected(self, got: streaming.Collected, progress: ProgressFn | None, extract_s: float) -> PatchCore:
+        """fit_store on got.store; takes got.xt (so the projection is freed before the rows are read back)."""
+        store = got.store
+        self._ensure_embedder()
+        if store.shape[1] != self.embedder_.embed_dim:
+            raise ValueError(f"{store.path}: features are {store.shape[1]}-dim, the embedder gives "
+                             f"{self.embedder_.embed_dim}")
+        if store.metadata.get("grid"):
+            self.grid_ = tuple(int(v) for v in store.metadata["grid"].split(","))
+        t1 = time.perf_counter()
+        p = self.params
+        xt, got.xt = got.xt, None
+        if xt is None:
+            xt = streaming.project_store(store, p.projection_dim, p.seed)
+        callback = (lambda done, total: progress("coreset", done, total)) if progress else None
+        picked = coreset.greedy_coreset_projected(xt, p.coreset_ratio, p.seed, callback)
+        del xt
+        bank = torch.from_numpy(store.gather(picked.indices)).float().contiguous()
+        self._coreset_sq_radius = picked.sq_radius
+        return self._set_bank(bank, len(store), extract_s, time.perf_counter() - t1, store=True)
+
+    def update(self, images: ImageInput, progress: ProgressFn | None = None,
+               lineage: dict | None = None) -> PatchCore:
+        """Add new good images to a fitted model without re-extracting the old ones: the greedy coreset
+        continues from the existing bank, adding new patches only where they lie beyond the bank's
+        covering radius (at most coreset_ratio * new patches). Old bank rows are kept unchanged, first;
+        `updates_` (saved in metadata.json) records the images, patches, entries added and `lineage`."""
+        self.check_fitted()
+        t0 = time.perf_counter()
+        p, before = self.params, len(self.memory_bank_)
+        radius = self.fit_stats_.get("coreset_sq_radius")
+        if radius is None:
+            logger.warning("this model records no coreset radius (fitted before updates existed): the update "
+                           "adds coreset_ratio of the new patches")
+        with streaming.Workspace(p.feature_dir) as workspace:
+            counter: list[int] = [0]
+            got = self._collect(images, progress, workspace, counter)
+            callback = (lambda done, total: progress("coreset", done, total)) if progress else None
+            rows, picked = streaming.extend_bank(self.memory_bank_, got, p.coreset_ratio, p.seed,
+                                                 p.projection_dim, radius or 0.0, callback)
+        self.memory_bank_ = np.concatenate([self.memory_bank_, rows.numpy().astype(np.float32)])
+        self.index_ = self._build_index(self.memory_bank_)
+        new_radius = max(radius or 0.0, picked.sq_radius)
+        self.fit_stats_ = {**self.fit_stats_, "bank_size": float(len(self.memory_bank_)),
+                           "coreset_sq_radius": new_radius}
+        self.updates_.append({"n_images": counter[0], "n_patches": got.n_rows, "added": len(rows),
+                              "bank_size_before": before, "bank_size_after": len(self.memory_bank_),
+                              "seconds": time.perf_counter() - t0, "data": dict(lineage or {})})
+        logger.info("patchcore updated: %d new patches -> %d bank entries added", got.n_rows, len(rows))
+        return self
+
+    def _collect(self, images: ImageInput, progress: ProgressFn | None, workspace: streaming.Workspace,
+                 counter: list[int] | None = None) -> streaming.Collected:
+        self._ensure_embedder()
+        p = self.params
+        return streaming.collect_features(
+            self._embed_rows(images, progress, counter), self.embedder_.embed_dim, p.feature_dtype,
+            p.stream_features, p.stream_threshold_mb << 20, workspace.path, p.projection_dim, p.seed)
 
     def fit_features(self, features: torch.Tensor, progress: ProgressFn | None = None,
                      extract_s: float = 0.0) -> PatchCore:
@@ -70,18 +145,25 @@ class PatchCore(BaseDetector):
             raise ValueError(f"features must be (N, {self.embedder_.embed_dim}), got {tuple(features.shape)}")
         t1 = time.perf_counter()
         bank = self.select_bank(features, progress)
+        return self._set_bank(bank, features.shape[0], extract_s, time.perf_counter() - t1)
+
+    def _set_bank(self, bank: torch.Tensor, n_patches: int, extract_s: float, coreset_s: float,
+                  store: bool = False) -> PatchCore:
         t2 = time.perf_counter()
         self.memory_bank_ = bank.numpy()
         self.index_ = self._build_index(self.memory_bank_)
+        self.updates_ = []
         self.fit_stats_ = {
-            "n_patches": float(features.shape[0]),
+            "n_patches": float(n_patches),
             "bank_size": float(bank.shape[0]),
             "embed_dim": float(bank.shape[1]),
             "extract_s": extract_s,
-            "coreset_s": t2 - t1,
+            "coreset_s": coreset_s,
             "index_s": time.perf_counter() - t2,
+            "coreset_sq_radius": self._coreset_sq_radius,
+            "streamed": float(store),
         }
-        logger.info("patchcore fitted: %d patches -> bank %s", features.shape[0], tuple(bank.shape))
+        logger.info("patchcore fitted: %d patches -> bank %s", n_patches, tuple(bank.shape))
         return self
 
     def _ensure_embedder(self) -> None:
@@ -104,29 +186,49 @@ class PatchCore(BaseDetector):
 
     def extract(self, images: ImageInput, progress: ProgressFn | None = None) -> torch.Tensor:
         """Patch embeddings of every image. images -> (N_images * h * w, D) in feature_dtype."""
+        chunks = list(self._embed_rows(images, progress))
+        if not chunks:
+            raise ValueError("fit needs at least one training image")
+        return torch.cat(chunks)
+
+    def extract_to_store(self, images: ImageInput, path: str | Path, progress: ProgressFn | None = None,
+                         metadata: dict[str, str] | None = None) -> FeatureStore:
+        """Patch embeddings of every image streamed to a FeatureStore at `path` (feature_dtype rows, the
+        grid in its metadata); same rows as `extract`, never all in RAM."""
         self._ensure_embedder()
-        chunks, n_images = [], 0
+        counter: list[int] = [0]
+        with FeatureWriter(path, self.embedder_.embed_dim, self.params.feature_dtype, metadata) as writer:
+            for rows in self._embed_rows(images, progress, counter):
+                writer.append(rows)
+            writer.metadata.update({"grid": ",".join(map(str, self.grid_ or ())), "n_images": str(counter[0])})
+        return FeatureStore(path)
+
+    def _embed_rows(self, images: ImageInput, progress: ProgressFn | None = None,
+                    counter: list[int] | None = None):
+        """Patch embeddings batch by batch: yields (B * h * w, D) in feature_dtype; counter[0] += B."""
+        self._ensure_embedder()
+        n_images = 0
         dtype = torch.float16 if self.params.feature_dtype == "float16" else torch.float32
         for batch in iter_image_batches(images, self.cfg.data.batch_size):
             self._check_input(batch)
             with torch.inference_mode():
                 emb = self.embedder_(batch.float())
             self.grid_ = tuple(emb.shape[1:3])
-            chunks.append(emb.reshape(-1, emb.shape[-1]).to(dtype))
             n_images += batch.shape[0]
+            if counter is not None:
+                counter[0] += batch.shape[0]
+            yield emb.reshape(-1, emb.shape[-1]).to(dtype)
             if progress:
                 progress("features", n_images, None)
-        if not chunks:
-            raise ValueError("fit needs at least one training image")
-        return torch.cat(chunks)
 
     def select_bank(self, features: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
         """Greedy coreset of features (N, D) -> bank (M, D) float32."""
         callback = (lambda done, total: progress("coreset", done, total)) if progress else None
-        idx = coreset.greedy_coreset(
+        picked = coreset.select_coreset(
             features, self.params.coreset_ratio, self.params.seed, self.params.projection_dim, callback
         )
-        return features[idx].float().contiguous()
+        self._coreset_sq_radius = picked.sq_radius
+        return features[picked.indices].float().contiguous()
 
     # ---------------------------------------------------------------------------------------- score
     def score(self, images: torch.Tensor, progress: ProgressFn | None = None) -> ScoreBatch:
@@ -141,7 +243,7 @@ class PatchCore(BaseDetector):
             done += batch.shape[0]
             if progress:
                 progress("score", done, None)
-        return ScoreBatch.concat(out)
+        return out[0] if len(out) == 1 else ScoreBatch.concat(out)  # one batch: no copy of its maps
 
     def _score_batch(self, batch: torch.Tensor) -> ScoreBatch:
         with torch.inference_mode():
@@ -153,7 +255,8 @@ class PatchCore(BaseDetector):
         image_scores = self._image_scores(flat.reshape(b, h * w, d), dist[:, 0].reshape(b, -1),
                                           nn_idx[:, 0].reshape(b, -1))
         amap = maps.to_input_resolution(patch, tuple(batch.shape[-2:]), self.params.smoothing_sigma)
-        return ScoreBatch(image_scores.astype(np.float32), amap.numpy().astype(np.float32))
+        return ScoreBatch(image_scores.astype(np.float32, copy=False),
+                          amap.numpy().astype(np.float32, copy=False))
 
     def _image_scores(self, emb: np.ndarray, dist: np.ndarray, nn_idx: np.ndarray) -> np.ndarray:
         """Paper eq. 7. emb (B, P, D), dist (B, P), nn_idx (B, P) -> (B,).
@@ -206,6 +309,7 @@ class PatchCore(BaseDetector):
             "bank_size": int(self.memory_bank_.shape[0]),
             "grid": list(self.grid_) if self.grid_ else None,
             "fit_stats": self.fit_stats_,
+            "updates": self.updates_,
         }
 
     @classmethod
@@ -223,6 +327,7 @@ class PatchCore(BaseDetector):
             det._build_index(det.memory_bank_)
         det.grid_ = tuple(meta["grid"]) if meta.get("grid") else None
         det.fit_stats_ = meta.get("fit_stats", {})
+        det.updates_ = list(meta.get("updates", []))
         det.read_threshold(files)
         return det
 
