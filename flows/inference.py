@@ -83,7 +83,7 @@ def score_images(model_dir: str, images: list[str], out_dir: str, line: str | No
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_network_error)
-def upload_results(out_dir: str, prefix: str) -> dict:
+def upload_results(out_dir: str, prefix: str | list[str]) -> dict:
     obj = object_store().put_dir(Path(out_dir), prefix)
     return {"uri": obj.uri, "sha256": obj.sha256}
 
@@ -107,7 +107,7 @@ def inference(product_line: str, images: list[str], params_path: str = "params.y
             check_serves(champion, product_line)
         scored = score_images(str(work / "model"), [str(p) for p in images], str(work / "results"),
                               product_line if unified else None)
-        results = upload_results(str(work / "results"), f"inference/{product_line}/{stamp}-{flow_run_id}")
+        results = upload_results(str(work / "results"), ["inference", product_line, f"{stamp}-{flow_run_id}"])
         run_id = tracking.start_run(product_line, f"inference-{stamp}", {
             "kind": "inference", "flow_run_id": flow_run_id, "model_name": name,
             "model_version": champion["version"], "bank_sha256": champion["tags"].get("bank_sha256", ""),

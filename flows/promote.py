@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from components.config import PromotionConfig
-from flows import tracking
+from flows import faults, tracking
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +127,21 @@ def apply_gate(model_name: str, version: str, candidate_metrics: Mapping[str, An
     from `eval_data_hash`. The decision goes to the version's tags (promotion.decision / .reasons (JSON
     list) / .time / .champion_before), to its run's tags and to the run's `promotion.json`; then
     `@challenger` is set on `version` and `@champion` moves to it only when promoted. An exception (for
-    example from `reevaluate`) propagates before any alias has moved.
+    example from `reevaluate`) propagates before any alias has moved. The whole gate runs under the
+    model's promotion lock (tracking.acquire_gate_lock), so concurrent retrains of one line are serialised.
     """
-    version = str(version)
+    faults.reached("promote")
+    holder = tracking.acquire_gate_lock(model_name)
+    try:
+        return _gate_locked(model_name, str(version), candidate_metrics, eval_data_hash, cfg, reevaluate)
+    finally:
+        tracking.release_gate_lock(model_name, holder)
+
+
+def _gate_locked(model_name: str, version: str, candidate_metrics: Mapping[str, Any], eval_data_hash: str,
+                 cfg: PromotionConfig, reevaluate: Reevaluate | None) -> Decision:
+    """apply_gate's body, run while holding the model's promotion lock: the champion it reads is the one it
+    replaces, so two concurrent gates decide one after the other (compare-and-set on @champion)."""
     candidate = tracking.get_version(model_name, version)
     champion_version = tracking.version_for_alias(model_name, CHAMPION)
     champion = champ_metrics = None

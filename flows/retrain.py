@@ -12,8 +12,6 @@ moved (aliases move only inside the gate, after everything else succeeded) and t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -24,14 +22,15 @@ from typing import Any
 
 from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from components.config import Config, ConfigError, load_config, parse_override, set_path, validate
 from components.data import scan_line, split_calibration
 from components.detector import create_detector, load_detector
 from components.evaluation import evaluate_split
 from components.training import calibrate_detector, fit_options, image_stream
-from flows import promote, tracking, versioning
+from flows import faults, promote, tracking, versioning
+from flows.feature_cache import cached_features_sha256, feature_cache_key, write_cached_features
 from flows.storage import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -76,13 +75,6 @@ def services_root(cfg: Config) -> Path:
 def object_store() -> ObjectStore:
     """The object store named by the environment (DEFECTOPS_S3_ENDPOINT, DEFECTOPS_BUCKET, AWS_*)."""
     return ObjectStore.from_env(connect_timeout=3, max_attempts=2)
-
-
-def feature_cache_key(feature_key: dict, data_hash: str, fit_files: list[str]) -> str:
-    """sha256 of what the patch embeddings depend on: backbone, weights sha256, preprocessing, the data
-    version and the exact images fitted (the calibration hold-out depends on data.seed/fraction)."""
-    payload = {"features": feature_key, "data": data_hash, "fit_files": fit_files}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def checkpoint_dir(root: Path, name: str, cfg: Config, data_hash: str) -> Path:
@@ -160,14 +152,14 @@ def extract_features(run_id: str, cfg_dict: dict, data_path: str, data_hash: str
     split, fit, _ = _fit_and_calibration(cfg, data_path)
     key = feature_cache_key(detector.feature_key(), data_hash, [s.path.relative_to(split.root).as_posix() for s in fit])
     path = Path(cache_dir) / f"{key}.safetensors"
-    hit, t0 = path.is_file(), time.perf_counter()
+    t0 = time.perf_counter()
+    sha = cached_features_sha256(path)
+    hit = sha is not None
+    faults.reached("extract")
     if not hit:
-        features = detector.extract(image_stream(fit, cfg.data))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"features": features.contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    out = {"path": str(path), "key": key, "cache_hit": hit, "extract_s": time.perf_counter() - t0}
+        sha = write_cached_features(path, detector.extract(image_stream(fit, cfg.data)))
+    out = {"path": str(path) if sha else None, "sha256": sha, "key": key, "cache_hit": hit,
+           "extract_s": time.perf_counter() - t0}
     tracking.log_metrics(run_id, {"feature_cache_hit": float(hit), "extract_s": out["extract_s"]})
     tracking.set_run_tags(run_id, {"feature_cache_key": key})
     return out
@@ -183,7 +175,7 @@ def build_model(run_id: str, cfg_dict: dict, data_path: str, features: dict, mod
     _, fit, calibration = _fit_and_calibration(cfg, data_path)
     detector = create_detector(cfg)
     t0 = time.perf_counter()
-    if features.get("path"):
+    if features.get("path") and cached_features_sha256(Path(features["path"])) == features.get("sha256"):
         detector.fit_features(load_file(features["path"])["features"])
     else:
         train_log = TrainLog(run_id)
@@ -202,7 +194,7 @@ def build_model(run_id: str, cfg_dict: dict, data_path: str, features: dict, mod
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_network_error)
 def upload_model(run_id: str, model_dir: str, line: str) -> dict:
     """Model directory -> models/<line>/<sha256>/... with a manifest; returns the StoredObject as a dict."""
-    bank = asdict(object_store().put_dir(Path(model_dir), f"{MODEL_PREFIX}/{line}"))
+    bank = asdict(object_store().put_dir(Path(model_dir), [MODEL_PREFIX, line]))  # one key part: no "/" or ".."
     tracking.set_run_tags(run_id, {"bank_uri": bank["uri"], "bank_sha256": bank["sha256"]})
     return bank
 
@@ -285,6 +277,10 @@ def start_flow_run(line: str, cfg: Config, kind: str = "retrain") -> tuple[str, 
             "git_dirty": versioning.git_dirty() if commit != versioning.NO_COMMIT else "unknown",
             "flow_run_id": str(runtime.flow_run.id or "none"), "flow_run_name": str(runtime.flow_run.name or "")}
     try:
+        tracking.reap_dead_runs(line)
+    except Exception as exc:  # noqa: BLE001 - housekeeping must not stop a run; start_run reports MLflow errors
+        logger.warning("could not check %s for runs left RUNNING by dead processes: %s", line, exc)
+    try:
         run_id = tracking.start_run(line, info["flow_run_name"] or f"{kind}-{line}",
                                     {**info, "params_hash": cfg.digest(), "kind": kind})
     except Exception as exc:
@@ -316,6 +312,7 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
                             str(checkpoint_dir(root, name, cfg, data["dvc_md5"])))
         step = "upload model"
         bank = upload_model(run_id, model["model_dir"], product_line)
+        faults.reached("upload.done")
         step = "evaluate"
         metrics = evaluate_model(run_id, model["model_dir"], data["path"], cfg_dict, str(work / "evaluation"))
         step = "register"

@@ -32,6 +32,8 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 
+from flows import faults
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "MANIFEST.json"
@@ -42,6 +44,7 @@ _CHUNK = 1024 * 1024
 _DENIED = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _UNREACHABLE = (BotoConnectionError, HTTPClientError, RetriesExceededError)  # refused, timeouts, resets
+MULTIPART_THRESHOLD_ENV = "DEFECTOPS_S3_MULTIPART_THRESHOLD"
 
 
 class StorageError(RuntimeError):
@@ -143,7 +146,8 @@ class ObjectStore:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **kwargs) -> ObjectStore:
-        """From DEFECTOPS_S3_ENDPOINT, DEFECTOPS_BUCKET and AWS_* (or DEFECTOPS_S3_*) keys."""
+        """From DEFECTOPS_S3_ENDPOINT, DEFECTOPS_BUCKET and AWS_* (or DEFECTOPS_S3_*) keys; files of at
+        least DEFECTOPS_S3_MULTIPART_THRESHOLD bytes (default 64 MiB) go up in multipart uploads."""
         env = dict(os.environ if env is None else env)
         access = env.get("AWS_ACCESS_KEY_ID") or env.get("DEFECTOPS_S3_ACCESS_KEY")
         secret = env.get("AWS_SECRET_ACCESS_KEY") or env.get("DEFECTOPS_S3_SECRET_KEY")
@@ -154,6 +158,11 @@ class ObjectStore:
         if missing:
             raise ValueError(f"object store not configured: set {', '.join(missing)} "
                              "(python -m infra start, then infra.services.env_for_clients)")
+        threshold = env.get(MULTIPART_THRESHOLD_ENV, "").strip()
+        if threshold and "multipart_threshold" not in kwargs:
+            if not threshold.isdigit() or int(threshold) < 1:
+                raise ValueError(f"{MULTIPART_THRESHOLD_ENV}={threshold!r}: expected a positive number of bytes")
+            kwargs["multipart_threshold"] = int(threshold)
         return cls(env["DEFECTOPS_S3_ENDPOINT"], env["DEFECTOPS_BUCKET"], access, secret, **kwargs)
 
     # ------------------------------------------------------------ errors
@@ -243,12 +252,25 @@ class ObjectStore:
         else:
             try:
                 self._client.upload_file(str(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}},
-                                         Config=self._transfer)
+                                         Config=self._transfer, Callback=self._fault_callback(size))
             except (ClientError, BotoCoreError, RetriesExceededError, S3UploadFailedError) as exc:
                 cause = exc.__context__ if isinstance(exc, S3UploadFailedError) else exc
                 raise self._error(cause or exc, self.bucket, key, "upload") from None
             logger.info("uploaded %s (%d bytes)", self._uri(key), size)
         return StoredObject(self._uri(key), key, sha, size)
+
+    def _fault_callback(self, size: int):
+        """The reliability tests' "upload.multipart" pause point (flows.faults), reached once while the
+        parts of a multipart upload are being sent; None (no callback at all) unless a test armed it."""
+        if size < self._transfer.multipart_threshold or not faults.armed("upload.multipart"):
+            return None
+        fired: list[bool] = []
+
+        def callback(_sent: int) -> None:
+            if not fired:
+                fired.append(True)
+                faults.reached("upload.multipart")
+        return callback
 
     def put_bytes(self, data: bytes, prefix: str | Sequence[str], name: str) -> StoredObject:
         """Upload small bytes (JSON, CSV) to ``prefix/<sha256>/<name>``; skip them if already there."""

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import warnings
@@ -40,6 +41,7 @@ from components.config import flatten
 from components.detector import Detector
 from components.evaluation import EvaluationResult
 from components.thresholds import Threshold
+from flows import faults
 from flows.storage import StoredObject
 
 logger = logging.getLogger(__name__)
@@ -56,8 +58,16 @@ _SECRET_KEY = re.compile(r"(^|[_-])(secret|password|passwd|credentials?)([_-]|$)
                          r"|(access|api|secret)[_-]?key", re.I)  # credential-shaped names, not `cnn_token_level`
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "DEFECTOPS_S3_ACCESS_KEY",
                "DEFECTOPS_S3_SECRET_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+# MLflow's own defaults retry 7 times with backoff factor 2 (about 4 minutes per call against a stopped
+# server, 120 s timeout each): a run would hang for many minutes before failing. Bounded: 3 retries with
+# 1, 2, 4 s backoff, 30 s per request (env vars set by the operator win).
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+GATE_LOCK_SUFFIX = ".gate-lock"
+RUN_HOLDER_TAG = "holder"  # host:pid:start time of the process that runs it (see reap_dead_runs)
 _METRIC_KEY = re.compile(r"[^\w.\- /]")
 _BATCH = 100
+_CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
 _lock = threading.Lock()
 _state: dict[str, Any] = {"uri": None, "client": None, "root": DEFAULT_ROOT}
 
@@ -75,10 +85,17 @@ class RegistryError(LookupError):
     """A registered model, version or alias that does not exist; the message names the model and ref."""
 
 
+class UnsafeModelError(ValueError):
+    """A registered model whose loading would unpickle something (not a defectops models-from-code pyfunc)."""
+
+
 # ----------------------------------------------------------------------------------------- setup
 def configure(tracking_uri: str | None = None, root: Path = DEFAULT_ROOT) -> str:
     """Point tracking and registry at `tracking_uri`, else MLFLOW_TRACKING_URI, else sqlite:///ROOT/mlflow.db
-    (artifacts under ROOT/mlartifacts). Returns the URI in use."""
+    (artifacts under ROOT/mlartifacts). Returns the URI in use. HTTP calls to a tracking server get the
+    bounded retries and timeout of HTTP_BOUNDS unless the environment sets its own."""
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     root = Path(root).resolve()
     if not uri:
@@ -129,9 +146,26 @@ def start_run(line: str, run_name: str, tags: Mapping[str, Any] | None = None) -
     """Create a run in experiment `defectops/<line>` (created if missing); return its id."""
     checked = _checked(tags or {}, "run tags")
     run = _client().create_run(_experiment_id(experiment_name(line)), run_name=run_name,
-                               tags={"product_line": line, **checked})
+                               tags={"product_line": line, RUN_HOLDER_TAG: lock_holder(), **checked})
     logger.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, experiment_name(line))
     return run.info.run_id
+
+
+def reap_dead_runs(line: str) -> list[str]:
+    """End KILLED the runs of `defectops/<line>` left RUNNING by a process of this host that is gone (killed
+    with SIGKILL, machine restarted): their `holder` tag names host, pid and start time. Returns their ids."""
+    found = _client().get_experiment_by_name(experiment_name(line))
+    if found is None:
+        return []
+    reaped = []
+    for run in _client().search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=200):
+        if _holder_gone(run.data.tags.get(RUN_HOLDER_TAG, "")):
+            _client().set_tag(run.info.run_id, "killed", "its process was gone when a later run started")
+            _client().set_terminated(run.info.run_id, "KILLED")
+            reaped.append(run.info.run_id)
+    if reaped:
+        logger.warning("%s: ended %d run(s) KILLED whose process is gone: %s", line, len(reaped), reaped)
+    return reaped
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
@@ -266,6 +300,7 @@ def register_version(run_id: str, model_name: str, bank: StoredObject, endpoint:
         info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=str(PYFUNC_MODEL_CODE),
                                        model_config=config, pip_requirements=pip_requirements(),
                                        signature=SIGNATURE)
+    faults.reached("register")
     mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
     logger.info("registered %s version %s (bank %s)", model_name, mv.version, bank.uri)
     return str(mv.version)
@@ -332,6 +367,77 @@ def set_version_tags(model_name: str, version: str, tags: Mapping[str, Any]) -> 
         _client().set_model_version_tag(model_name, str(version), key, value)
 
 
+# ----------------------------------------------------------------------------------------- gate lock
+def _process_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def lock_holder() -> str:
+    """host:pid:start-time of this process (the start time tells a recycled pid apart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid()) or '?'}"
+
+
+def _holder_gone(holder: str) -> bool:
+    """True when `holder` is a process on this host that no longer runs (killed, even with SIGKILL)."""
+    host, _, rest = holder.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or start == "?":
+        return False
+    return _process_start(int(pid)) != start
+
+
+def acquire_gate_lock(model_name: str, timeout_s: float = 900.0, stale_s: float = 3600.0,
+                      poll_s: float = 0.5) -> str:
+    """Take the promotion lock of `model_name`: the registered model `<name>.gate-lock`, whose creation the
+    registry allows once (a second create fails RESOURCE_ALREADY_EXISTS), so concurrent gates of one model
+    run one at a time wherever they run. A lock whose holder died on this host, or older than `stale_s`,
+    is broken. Returns the holder id for `release_gate_lock`; RegistryError after `timeout_s`."""
+    lock, holder = model_name + GATE_LOCK_SUFFIX, lock_holder()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _client().create_registered_model(lock, tags={"defectops.lock.holder": holder,
+                                                          "defectops.lock.since": f"{time.time():.3f}"},
+                                              description=f"promotion gate lock of {model_name}")
+            return holder
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            tags = dict(_client().get_registered_model(lock).tags)
+        except MlflowException:
+            continue  # released meanwhile
+        other, since = tags.get("defectops.lock.holder", ""), float(tags.get("defectops.lock.since", "0") or 0)
+        if _holder_gone(other) or time.time() - since > stale_s:
+            logger.warning("%s: breaking a stale promotion lock held by %s", model_name, other)
+            _delete_lock(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{model_name}: promotion lock {lock} still held by {other} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def release_gate_lock(model_name: str, holder: str) -> None:
+    """Drop the promotion lock if `holder` still holds it."""
+    lock = model_name + GATE_LOCK_SUFFIX
+    try:
+        if _client().get_registered_model(lock).tags.get("defectops.lock.holder") == holder:
+            _delete_lock(lock)
+    except MlflowException:
+        pass
+
+
+def _delete_lock(lock: str) -> None:
+    try:
+        _client().delete_registered_model(lock)
+    except MlflowException:
+        pass
+
+
 def list_versions(model_name: str) -> list[dict[str, Any]]:
     """Every version of `model_name`, oldest first."""
     found = _client().search_model_versions(f"name = '{model_name}'")
@@ -344,9 +450,25 @@ def model_uri(model_name: str, ref: str) -> str:
     return f"models:/{model_name}@{value}" if kind == "alias" else f"models:/{model_name}/{value}"
 
 
+def check_no_pickle(mlmodel: Mapping[str, Any], where: str) -> None:
+    """UnsafeModelError unless an MLmodel describes a models-from-code pyfunc and nothing else: any other
+    flavor, or a `python_model` (cloudpickle) entry, would be unpickled by mlflow.pyfunc.load_model."""
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, Mapping) else None
+    pyfunc = (flavors or {}).get("python_function") or {}
+    if (set(flavors or {}) != {"python_function"} or pyfunc.get("loader_module") != _CODE_LOADER
+            or not pyfunc.get("model_code_path") or "python_model" in pyfunc):
+        found = {name: (f.get("loader_module"), f.get("python_model")) for name, f in (flavors or {}).items()
+                 if isinstance(f, Mapping)}
+        raise UnsafeModelError(f"{where}: refusing to load: not a models-from-code pyfunc (flavors {found}); "
+                               "loading it would unpickle code from the registry")
+
+
 def load_pyfunc(model_name: str, ref: str):
-    """The registered pyfunc (fetches and verifies its bank in load_context)."""
-    return mlflow.pyfunc.load_model(model_uri(model_name, ref))
+    """The registered pyfunc (fetches and verifies its bank in load_context). Its MLmodel is read first
+    (YAML only) and anything that would be unpickled is refused with UnsafeModelError."""
+    uri = model_uri(model_name, ref)
+    check_no_pickle({"flavors": mlflow.models.get_model_info(uri).flavors}, uri)
+    return mlflow.pyfunc.load_model(uri)
 
 
 def load_version(model_name: str, ref: str, dest: Path) -> tuple[Detector, dict[str, Any]]:

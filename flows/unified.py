@@ -163,8 +163,17 @@ def evaluate_line(run_id: str, model_dir: str, line: str, data_path: str, cfg_di
 @task(cache_policy=NO_CACHE)
 def gate_unified(name: str, version: str, per_line: dict[str, dict], eval_hashes: dict[str, str],
                  cfg_dict: dict, data_paths: dict[str, str], work_dir: str) -> dict:
-    """Per-line gate against the unified @champion; records the decision and moves the aliases."""
-    cfg = validate(cfg_dict)
+    """Per-line gate against the unified @champion; records the decision and moves the aliases, under the
+    model's promotion lock (concurrent retrains decide one after the other, as in promote.apply_gate)."""
+    holder = tracking.acquire_gate_lock(name)
+    try:
+        return _gate_unified_locked(name, version, per_line, eval_hashes, validate(cfg_dict), data_paths, work_dir)
+    finally:
+        tracking.release_gate_lock(name, holder)
+
+
+def _gate_unified_locked(name: str, version: str, per_line: dict[str, dict], eval_hashes: dict[str, str],
+                         cfg: Config, data_paths: dict[str, str], work_dir: str) -> dict:
     candidate = tracking.get_version(name, version)
     champion_version = tracking.version_for_alias(name, promote.CHAMPION)
     references: dict[str, dict | None] = {line: None for line in per_line}

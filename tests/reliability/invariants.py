@@ -1,0 +1,100 @@
+"""What must hold after every fault: nothing in the object store lost or changed, every registered version's
+bank present with matching sha256s, @champion on an existing version whose objects verify, and no
+registered model whose loading would unpickle anything.
+
+    before = snapshot(state)
+    ...inject a fault, re-run...
+    report = check(state, "defectops-line", before)
+    assert report.ok, report.problems
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import boto3
+from botocore.config import Config
+
+from flows import tracking
+from flows.storage import ObjectStore, StorageError
+
+
+def _s3(state):
+    return boto3.client("s3", endpoint_url=state.s3_endpoint, region_name="us-east-1",
+                        aws_access_key_id=state.access_key, aws_secret_access_key=state.secret_key,
+                        config=Config(connect_timeout=5, read_timeout=60, retries={"total_max_attempts": 3}))
+
+
+def snapshot(state, deep: bool = True) -> dict[str, str]:
+    """{key: sha256 of the object's bytes} of every object in the bucket (listed, then read and hashed);
+    deep=False: {key: "ETag:size"} from the listing alone (one request per 1000 objects)."""
+    s3, out = _s3(state), {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=state.bucket):
+        for item in page.get("Contents", []):
+            if not deep:
+                out[item["Key"]] = f"{item['ETag']}:{item['Size']}"
+                continue
+            digest = hashlib.sha256()
+            for chunk in s3.get_object(Bucket=state.bucket, Key=item["Key"])["Body"].iter_chunks(1 << 20):
+                digest.update(chunk)
+            out[item["Key"]] = digest.hexdigest()
+    return out
+
+
+@dataclass
+class Report:
+    lost: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    versions: int = 0
+    champion: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.changed or self.problems)
+
+
+def check_registry(store: ObjectStore, name: str, report: Report) -> None:
+    """Every version: bank tags present, manifest and every file verify; MLmodel is code, not pickle.
+    @champion, when set, names one of those versions."""
+    versions = tracking.list_versions(name)
+    report.versions = len(versions)
+    for info in versions:
+        label, tags = f"{name} v{info['version']}", info["tags"]
+        if not tags.get("bank_uri") or not tags.get("bank_sha256"):
+            report.problems.append(f"{label}: no bank_uri/bank_sha256")
+            continue
+        try:
+            files = store.verify_dir(tags["bank_uri"], tags["bank_sha256"])
+        except StorageError as exc:
+            report.problems.append(f"{label}: bank {tags['bank_uri']}: {exc.reason}")
+            continue
+        bad = [rel for rel, ok in files.items() if not ok]
+        if bad or not files:
+            report.problems.append(f"{label}: bank files missing or changed: {bad or 'none listed'}")
+        try:
+            tracking.check_no_pickle({"flavors": _flavors(name, info["version"])}, label)
+        except Exception as exc:  # noqa: BLE001 - any failure to read the model is a problem to report
+            report.problems.append(f"{label}: model artifact: {type(exc).__name__}: {exc}")
+    report.champion = tracking.version_for_alias(name, "champion")
+    if report.champion is not None and report.champion not in {v["version"] for v in versions}:
+        report.problems.append(f"{name}@champion -> {report.champion}: no such version")
+
+
+def _flavors(name: str, version: str) -> dict:
+    import mlflow
+
+    return mlflow.models.get_model_info(f"models:/{name}/{version}").flavors
+
+
+def check(state, name: str, before: dict[str, str] | None = None) -> Report:
+    """The invariants after a fault (services must be up again): see the module docstring."""
+    report = Report()
+    store = ObjectStore(state.s3_endpoint, state.bucket, state.access_key, state.secret_key)
+    if before is not None:
+        after = snapshot(state, deep=not all(":" in v for v in before.values()))
+        report.lost = sorted(set(before) - set(after))
+        report.changed = sorted(k for k in before if k in after and after[k] != before[k])
+    check_registry(store, name, report)
+    return report

@@ -1,0 +1,130 @@
+"""Real local services for the end-to-end and reliability tests, started in a temporary root on free ports.
+
+A pytest plugin (tests/conftest.py lists it in `pytest_plugins`), so tests/e2e and tests/reliability share
+one session's services instead of each starting their own.
+
+Fixtures (the session ones share one root, so SeaweedFS starts once even when both are used):
+
+- ``object_store`` (session): SeaweedFS only, bucket created; a ``ServiceState`` (``s3_endpoint``,
+  ``bucket``, ``access_key``, ``secret_key``; ``mlflow_uri``/``prefect_api_url`` are None).
+- ``services`` (session): SeaweedFS + MLflow server + Prefect server; a ``ServiceState`` with every URL.
+  Starting MLflow and Prefect takes 20-50 s on two busy cores: use it from ``slow`` tests.
+- ``services_env`` (function): ``services`` plus ``env_for_clients`` set in ``os.environ`` for the test.
+- ``store`` (function): an ``ObjectStore`` on ``object_store``'s bucket.
+- ``isolated_services`` (function): a factory ``(services=("seaweedfs",)) -> ServicesConfig`` with its
+  own root and free ports, for tests that stop or break a server; whatever it started is stopped after.
+
+Tests using these fixtures are marked ``services`` automatically. Set DEFECTOPS_TEST_START_TIMEOUT_S to
+change the start-up timeout (default 180 s: the machine's cores are shared).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from flows.storage import ObjectStore
+from infra.process import find_free_ports
+from infra.services import ALL_SERVICES, ServicesConfig, ServiceState, env_for_clients, start, stop
+
+_SERVICE_FIXTURES = {"object_store", "services", "services_env", "store", "isolated_services"}
+START_TIMEOUT_S = float(os.environ.get("DEFECTOPS_TEST_START_TIMEOUT_S", "180"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+
+
+def make_config(root: Path, services: tuple[str, ...] = ("seaweedfs",)) -> ServicesConfig:
+    """A config with its own root, fresh credentials (not the caller's env) and three free ports."""
+    s3_port, mlflow_port, prefect_port = find_free_ports("127.0.0.1", 3)
+    return ServicesConfig(root=root, s3_port=s3_port, mlflow_port=mlflow_port, prefect_port=prefect_port,
+                          access_key="", secret_key="", bucket="defectops-test",
+                          start_timeout_s=START_TIMEOUT_S, services=services)
+
+
+class _SharedServices:
+    """One root for the session; each fixture asks for the services it needs, running ones are reused."""
+
+    def __init__(self, root: Path) -> None:
+        self.cfg = make_config(root, ALL_SERVICES)
+
+    def ensure(self, services: tuple[str, ...]) -> ServiceState:
+        return start(replace(self.cfg, services=services))
+
+    def close(self) -> None:
+        stop(self.cfg)
+
+
+@pytest.fixture(scope="session")
+def _shared_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_SharedServices]:
+    shared = _SharedServices(tmp_path_factory.mktemp("services"))
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+@pytest.fixture(scope="session")
+def object_store(_shared_services: _SharedServices) -> ServiceState:
+    return _shared_services.ensure(("seaweedfs",))
+
+
+@pytest.fixture(scope="session")
+def services(_shared_services: _SharedServices) -> ServiceState:
+    return _shared_services.ensure(ALL_SERVICES)
+
+
+@pytest.fixture
+def services_env(services: ServiceState, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = env_for_clients(services)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture(scope="module")
+def env(_shared_services: _SharedServices):
+    """(state, ObjectStore) with SeaweedFS + MLflow up and this module's client environment set
+    (tests/e2e/tiny_line.connect); used by the tracking, promotion and lineage tests."""
+    from tests.e2e.tiny_line import connect
+
+    state = _shared_services.ensure(("seaweedfs", "mlflow"))
+    with pytest.MonkeyPatch.context() as mp:
+        yield state, connect(state, mp)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny fitted and evaluated PatchCore on a small brick line (tests/e2e/tiny_line.build_tiny)."""
+    from tests.e2e.tiny_line import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def store(object_store: ServiceState) -> ObjectStore:
+    return ObjectStore(object_store.s3_endpoint, object_store.bucket, object_store.access_key,
+                       object_store.secret_key)
+
+
+@pytest.fixture
+def isolated_services(tmp_path: Path) -> Iterator[Callable[..., ServicesConfig]]:
+    made: list[ServicesConfig] = []
+
+    def factory(services: tuple[str, ...] = ("seaweedfs",)) -> ServicesConfig:
+        cfg = make_config(tmp_path / f"root{len(made)}", services)
+        made.append(cfg)
+        return cfg
+
+    try:
+        yield factory
+    finally:
+        for cfg in made:
+            stop(replace(cfg, services=ALL_SERVICES))
