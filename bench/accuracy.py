@@ -97,7 +97,7 @@ def main() -> None:
         return
     lines = args.lines or sorted(p.name for p in DATASETS.iterdir() if (p / "train").is_dir())
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     for line in lines:
         for backbone in args.backbones:
             cmd = [sys.executable, __file__, "--worker", line, backbone, "--threads", str(args.threads)]
