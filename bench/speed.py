@@ -11,7 +11,8 @@ What is compared, per line: fit seconds (features + coreset), coreset seconds, i
 batch 1 and batch 32, peak RSS, image AUROC, pixel AUROC, AUPRO; then the ratio ours / anomalib. Also the
 ratio of each implementation's inference time to the backbone's forward alone (the same timm
 `features_only` forward, input normalisation included, on the same tensors), interleaved with the
-inference calls so machine load hits both alike.
+inference calls so machine load hits both alike; and to the forward each implementation actually runs
+(ours: the frozen graph with batch norm folded, `backbone.inference_graph`), i.e. its own overhead.
 
 How it is kept fair:
 - one child process per (implementation, line, seed), so peak RSS (ru_maxrss) is that run's alone; the two
@@ -22,9 +23,11 @@ How it is kept fair:
   `backbone.layers`, with our packaged ImageNet weights copied into its timm extractor by state_dict (no
   download; HF_HUB_OFFLINE=1) and the ImageNet normalisation its pre-processor would apply;
 - same coreset ratio, 2 threads (OMP_NUM_THREADS, torch.set_num_threads, faiss); glibc's
-  MALLOC_MMAP_THRESHOLD_ lowered for anomalib only (its coreset otherwise grows RSS by hundreds of MB per
-  second, as in the README's bar). Ours runs with glibc's default: with the lowered threshold every large
-  temporary is a fresh mmap, and our backbone forward alone took 4.5x longer (146 against 32 ms at batch 1);
+  MALLOC_MMAP_THRESHOLD_ lowered for anomalib's fit only (its coreset otherwise grows RSS by hundreds of MB
+  per second, as in the README's bar). Ours fits with glibc's default: with the lowered threshold every
+  large temporary is a fresh mmap, and our backbone forward alone took 4.5x longer (146 against 32 ms at
+  batch 1). Before inference is timed, both processes get the same allocator settings (`_inference_allocator`:
+  mmap threshold 32 MiB, trim threshold 64 MiB);
 - the metrics of both come from components.metrics.evaluate on our image/mask pairs (paired by name;
   anomalib's own data module pairs by sort order, which breaks on names such as anomaly-1 / anomaly-10_mask);
 - seeds: ours `detector.patchcore.seed`; anomalib's coreset draws from torch's and numpy's global RNGs,
@@ -112,10 +115,19 @@ class Ours:
         return out.image_scores, out.anomaly_maps
 
     def backbone(self, x):
+        """The reference: timm's features_only forward as built (eager), what anomalib runs too."""
         import torch
 
         with torch.inference_mode():
             return self.det.embedder_.extractor(x)
+
+    def own_backbone(self, x):
+        """The forward our inference actually runs (the frozen, BN-folded graph with backbone.inference_graph)."""
+        import torch
+
+        with torch.inference_mode():
+            emb = self.det.embedder_
+            return emb.extractor.frozen(x) if emb.graph else emb.extractor(x)
 
 
 class Anomalib:
@@ -153,8 +165,9 @@ class Anomalib:
                 self.model(self._norm(b.images))
             t = time.perf_counter()
             self.model.subsample_embedding(self.ratio)
+            coreset_s = time.perf_counter() - t
         self.model.eval()
-        return time.perf_counter() - t
+        return coreset_s
 
     def infer(self, x):
         with self.inference_mode():
@@ -165,21 +178,37 @@ class Anomalib:
         with self.inference_mode():
             return self.model.feature_extractor(self._norm(x))
 
+    own_backbone = backbone  # anomalib runs the eager timm forward
 
-def _interleaved(impl, xs: list, repeats: int) -> tuple[float, float]:
-    """Median ms per image of impl.infer and of impl.backbone over xs (each (B, 3, H, W)), alternating."""
-    impl.infer(xs[0])
-    impl.backbone(xs[0])
-    full, bb = [], []
+
+def _inference_allocator() -> None:
+    """glibc settings for the timed inference of both implementations (after their fits): mmap threshold
+    32 MiB (the top of glibc's dynamic range) and trim threshold 64 MiB, so large temporaries are reused
+    from the heap instead of being mapped and returned to the system on every call. With anomalib's lowered
+    fit threshold the eager forward took 121 ms at batch 1, raising only the mmap threshold 83 ms, both 28 ms;
+    in a default process both raised took 20 against 26 ms."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 64 << 20)
+
+
+def _interleaved(impl, xs: list, repeats: int) -> tuple[float, float, float]:
+    """Median ms per image of impl.infer, impl.backbone and impl.own_backbone over xs (each (B, 3, H, W)),
+    alternating."""
+    calls = (impl.infer, impl.backbone, impl.own_backbone)
+    for call in calls:
+        call(xs[0])
+    times: tuple[list, ...] = ([], [], [])
     for _ in range(repeats):
         for x in xs:
-            t = time.perf_counter()
-            impl.infer(x)
-            full.append((time.perf_counter() - t) / x.shape[0])
-            t = time.perf_counter()
-            impl.backbone(x)
-            bb.append((time.perf_counter() - t) / x.shape[0])
-    return 1000 * statistics.median(full), 1000 * statistics.median(bb)
+            for call, out in zip(calls, times, strict=True):
+                t = time.perf_counter()
+                call(x)
+                out.append((time.perf_counter() - t) / x.shape[0])
+    return tuple(1000 * statistics.median(t) for t in times)
 
 
 def _timings(impl, test_batches: list, n_b1: int, repeats_b32: int) -> dict:
@@ -188,15 +217,19 @@ def _timings(impl, test_batches: list, n_b1: int, repeats_b32: int) -> dict:
     images = torch.cat([b.images for b in test_batches])
     b1 = [images[i : i + 1].clone() for i in range(min(n_b1, len(images)))]
     b32 = images[torch.arange(32) % len(images)].contiguous()  # the first 32 test images (cycled if fewer)
-    ms_b1, bb_b1 = _interleaved(impl, b1, 1)
-    ms_b32, bb_b32 = _interleaved(impl, [b32], repeats_b32)
+    ms_b1, bb_b1, own_b1 = _interleaved(impl, b1, 1)
+    ms_b32, bb_b32, own_b32 = _interleaved(impl, [b32], repeats_b32)
     return {
         "ms_b1": ms_b1,
         "backbone_ms_b1": bb_b1,
+        "own_backbone_ms_b1": own_b1,
         "ms_b32": ms_b32,
         "backbone_ms_b32": bb_b32,
+        "own_backbone_ms_b32": own_b32,
         "vs_backbone_b1": ms_b1 / bb_b1,
         "vs_backbone_b32": ms_b32 / bb_b32,
+        "vs_own_backbone_b1": ms_b1 / own_b1,
+        "vs_own_backbone_b32": ms_b32 / own_b32,
     }
 
 
@@ -239,6 +272,7 @@ def run_child(impl_name: str, line: str, seed: int, args) -> dict:
         "fit_s": time.perf_counter() - t,
         "coreset_s": coreset_s,
     }
+    _inference_allocator()
     row.update(_timings(impl, test, args.n_b1, args.repeats_b32))
     row.update(_accuracy(impl, test, cfg.evaluation.aupro_fpr_limit))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -301,7 +335,8 @@ def _forwarded(args) -> list[str]:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Per line: the mean (and sample sd over seeds) of each figure for ours and anomalib, then the ratio."""
-    extra = ("backbone_ms_b1", "backbone_ms_b32", "vs_backbone_b1", "vs_backbone_b32", "n_train")
+    extra = ("backbone_ms_b1", "backbone_ms_b32", "own_backbone_ms_b1", "own_backbone_ms_b32", "vs_backbone_b1",
+             "vs_backbone_b32", "vs_own_backbone_b1", "vs_own_backbone_b32", "n_train")
     out = []
     for line in dict.fromkeys(r["line"] for r in rows):
         means = {}
@@ -318,7 +353,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             out.append(entry)
         if len(means) == 2:
             ratio = {"line": line, "impl": "ratio", "runs": None}
-            for key in (*METRICS, "vs_backbone_b1", "vs_backbone_b32"):
+            for key in (*METRICS, "vs_backbone_b1", "vs_backbone_b32", "vs_own_backbone_b1", "vs_own_backbone_b32"):
                 a, b = means["ours"][key], means["anomalib"][key]
                 ratio[key] = a / b if a is not None and b else None
             out.append(ratio)
@@ -342,6 +377,10 @@ COLUMNS = [
     ("backbone_ms_b32", "backbone ms b32", ".1f"),
     ("vs_backbone_b1", "inf/backbone b1", ".2f"),
     ("vs_backbone_b32", "inf/backbone b32", ".2f"),
+    ("own_backbone_ms_b1", "own fwd ms b1", ".1f"),
+    ("own_backbone_ms_b32", "own fwd ms b32", ".1f"),
+    ("vs_own_backbone_b1", "inf/own fwd b1", ".2f"),
+    ("vs_own_backbone_b32", "inf/own fwd b32", ".2f"),
 ]
 
 
@@ -364,7 +403,9 @@ def print_table(summary: list[dict]) -> None:
     print("\n".join(lines))
     print(
         "ratio = ours / anomalib (means over runs; ± = sample sd over seeds). inf/backbone = inference ms "
-        "over the backbone's forward alone on the same tensors, interleaved."
+        "over timm's eager features_only forward alone (the reference both run) on the same tensors, "
+        "interleaved. own fwd = the forward the implementation's inference runs (ours: the frozen, BN-folded "
+        "graph of backbone.inference_graph; anomalib: the eager forward); inf/own fwd = the overhead over it."
     )
 
 

@@ -50,6 +50,7 @@ class BackboneConfig(Section):
     weights: Literal["auto", "packaged", "file", "hub", "random"] = "auto"
     weights_file: Path | None = None
     allow_network: bool = False
+    inference_graph: bool = True  # PatchCore: frozen, BN-folded traced graph without autograd (~3x on CPU)
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> BackboneConfig:
@@ -63,8 +64,8 @@ class BackboneConfig(Section):
 class PatchCoreConfig(Section):
     patch_size: PositiveInt = 3
     patch_stride: PositiveInt = 1
-    pretrain_embed_dim: PositiveInt | Literal["auto"] = 1024
-    target_embed_dim: PositiveInt | Literal["auto"] = 1024
+    pretrain_embed_dim: PositiveInt | Literal["auto"] = "auto"
+    target_embed_dim: PositiveInt | Literal["auto"] = "auto"
     compact_embedding: bool = True
     coreset_ratio: Fraction = 0.1
     projection_dim: Annotated[int, Field(ge=0)] = 128

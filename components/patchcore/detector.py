@@ -181,7 +181,7 @@ class PatchCore(BaseDetector):
                     mode="json", include={"image_size", "resize", "crop_size"}),
                 "patch_size": p.patch_size, "patch_stride": p.patch_stride,
                 "pretrain_embed_dim": p.pretrain_embed_dim, "target_embed_dim": p.target_embed_dim,
-                "compact_embedding": p.compact_embedding,
+                "compact_embedding": p.compact_embedding, "inference_graph": self.cfg.backbone.inference_graph,
                 "feature_dtype": p.feature_dtype}
 
     def extract(self, images: ImageInput, progress: ProgressFn | None = None) -> torch.Tensor:
@@ -335,7 +335,7 @@ class PatchCore(BaseDetector):
     def _embedder(self, extractor: FeatureExtractor) -> PatchEmbedder:
         p = self.params
         return PatchEmbedder(extractor, p.patch_size, p.patch_stride, p.pretrain_embed_dim,
-                             p.target_embed_dim, p.compact_embedding).eval()
+                             p.target_embed_dim, p.compact_embedding, self.cfg.backbone.inference_graph).eval()
 
     def _build_index(self, bank: np.ndarray):
         p = self.params

@@ -48,7 +48,8 @@ class PatchEmbedder(nn.Module):
     configured level. Steps (Roth et al. 2022, sec. 3.1): average pooling over a patch_size neighbourhood
     (stride patch_stride) per level; deeper levels upsampled bilinearly to the first level's grid; each level
     adaptively average-pooled over channels to its pretrain dim; the stacked levels pooled to the target dim.
-    The two poolings are linear, so they run as one matrix product. With `compact`, when the target dim
+    The two poolings are linear, so they run as one matrix product ("auto" dims skip it: anomalib's plain
+    concatenation). With `compact`, when the target dim
     exceeds the rank of that map (e.g. 32 + 96 channels pooled to 1024), the map is replaced by an
     isometric factor of rank r: every pairwise distance, hence every nearest-neighbour score, is the same
     as in the paper's embedding, at r / target of the search cost.
@@ -62,9 +63,11 @@ class PatchEmbedder(nn.Module):
         pretrain_dim: int | str = 1024,
         target_dim: int | str = 1024,
         compact: bool = True,
+        graph: bool = False,
     ) -> None:
         super().__init__()
         self.extractor = extractor
+        self.graph = graph  # without autograd, run the extractor's frozen graph (FeatureExtractor.frozen)
         self.patch_size = patch_size
         self.patch_stride = patch_stride
         w = pooling_matrix(extractor.channels, pretrain_dim, target_dim)
@@ -87,7 +90,7 @@ class PatchEmbedder(nn.Module):
                 (w + 2 * pad - self.patch_size) // self.patch_stride + 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        levels = self.extractor(images)
+        levels = self.extractor.frozen(images) if self.graph else self.extractor(images)
         pad = self.patch_size // 2
         pooled = [F.avg_pool2d(f, self.patch_size, self.patch_stride, pad, count_include_pad=True) for f in levels]
         grid = pooled[0].shape[-2:]

@@ -89,6 +89,62 @@ def test_extractor_carries_the_classifier_weights() -> None:
         torch.testing.assert_close(tensor, full[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "tf_efficientnet_lite0"])
+def test_frozen_graph_equals_the_eager_forward(name: str) -> None:
+    """The traced, BN-folded graph gives the eager features within float32 rounding, for several sizes and
+    batch sizes (one graph per size), and is used only without autograd."""
+    extractor, _ = build_extractor(BackboneConfig(name=name, layers=(2, 3), weights="packaged"))
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 64, 96), (1, 3, 64, 96), (3, 3, 80, 48)]:
+        x = torch.rand(*shape, generator=gen)
+        with torch.inference_mode():
+            eager, fast = extractor(x), extractor.frozen(x)
+        for e, f in zip(eager, fast, strict=True):
+            assert f.shape == e.shape
+            torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))
+    assert len(extractor._graphs) == 2  # keyed by (C, H, W): batch size shares one graph
+    assert all(g is not False for g in extractor._graphs.values())
+    x = torch.rand(1, 3, 64, 96, requires_grad=True)
+    out = extractor.frozen(x)  # autograd on: the eager forward, gradients flow
+    out[0].sum().backward()
+    assert x.grad is not None
+
+
+def test_frozen_graph_follows_the_weights() -> None:
+    """Loading new weights, train() or .to() drops the cached graphs, so they never run stale weights."""
+    cfg = BackboneConfig(name="test_resnet", layers=(1, 2), weights="random")
+    extractor, _ = build_extractor(cfg)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        before = extractor.frozen(x)
+        state = {k: v * 0.5 if v.is_floating_point() and k.endswith("weight") else v
+                 for k, v in extractor.state_dict().items()}
+        extractor.load_state_dict(state)
+        assert not extractor._graphs
+        after, eager = extractor.frozen(x), extractor(x)
+    assert not torch.allclose(after[0], before[0])
+    torch.testing.assert_close(after[0], eager[0], rtol=1e-4, atol=1e-5)
+    extractor.train().eval()
+    assert not extractor._graphs
+
+
+def test_frozen_graph_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    extractor, _ = build_extractor(BackboneConfig(name="test_resnet", layers=(1, 2), weights="random"))
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("tracer says no")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        out = extractor.frozen(x)
+        again = extractor.frozen(x)  # the failure is remembered: no second attempt, no second warning
+        eager = extractor(x)
+    assert "tracer says no" in caplog.text and caplog.text.count("not built") == 1
+    assert all(torch.equal(a, b) for a, b in zip(out, eager, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(again, eager, strict=True))
+
+
 def test_bad_layers_rejected() -> None:
     with pytest.raises(WeightsError, match=r"no feature levels \(7,\)"):
         build_extractor(BackboneConfig(name="test_resnet", layers=(7,), weights="random"))

@@ -66,6 +66,29 @@ def test_evaluate_split(tiny_config: Config, tiny_line: Path) -> None:
         evaluate_split(det, LineSplit(split.root, split.train, ()), tiny_config)
 
 
+def test_evaluate_split_latency_excludes_one_off_costs(tiny_config: Config, tiny_line: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """ms_per_image is the steady-state cost of score: a one-off cost on the first call (e.g. the backbone
+    graph built per input size) goes into an untimed warm-up call. A fake clock makes it exact."""
+    from components import evaluation
+
+    det = fit_line(tiny_config, tiny_line).detector
+    clock = [0.0]
+    calls: list[int] = []
+    real_score = det.score
+
+    def score(images):
+        calls.append(len(images))
+        clock[0] += (1000.0 if len(calls) == 1 else 0.0) + 0.010 * len(images)  # first call: 1000 s once
+        return real_score(images)
+
+    monkeypatch.setattr(det, "score", score)
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: clock[0])
+    result = evaluate_split(det, scan_line(tiny_line), tiny_config)
+    assert calls[0] == 1 and sum(calls[1:]) == 6  # one warm-up image, then every test image once
+    assert result.ms_per_image == pytest.approx(10.0)
+
+
 def test_worst_misses() -> None:
     amap = np.zeros((2, 2), np.float32)
     recs = [ScoredSample("g_low", "good", 0, 0.1, amap), ScoredSample("g_high", "good", 0, 0.9, amap),
