@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from mdtable import table
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 BACKBONES = ("mobilenetv2_100", "tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
@@ -64,20 +66,12 @@ def run_one(line: str, backbone: str, overrides: list[str], threads: int, max_tr
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def print_table(rows: list[dict]) -> None:
     cols = [("line", "line", "s"), ("method", "method", "s"), ("backbone", "backbone", "s"),
             ("n_train", "train", "d"), ("embed_dim", "dim", ".0f"), ("image_auroc", "img AUROC", ".3f"),
             ("pixel_auroc", "px AUROC", ".3f"), ("aupro", "AUPRO", ".3f"), ("fit_s", "fit s", ".1f"),
             ("coreset_s", "coreset s", ".1f"), ("ms_b1", "ms/img b1", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f")]
-    cells = [[h for _, h, _ in cols]] + [[fmt(r.get(k), f) for k, _, f in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    print("\n".join(lines))
+    print(table(rows, cols))
 
 
 def main() -> None:

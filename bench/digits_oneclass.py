@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mdtable import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 # idle OpenMP threads sleep instead of spinning: on this shared 2-core machine, spinning made scoring 10x slower
@@ -81,10 +82,7 @@ def print_table(rows: list[dict]) -> None:
     mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
     cells.append(["mean", "", "", f"{mean('auroc_agnostic'):.3f}", f"{mean('auroc_finetuned'):.3f}",
                   f"{mean('auroc'):.3f}", f"{sum(r['fit_s'] for r in rows):.1f} (total)"])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    print("\n".join(lines))
+    print(markdown(cells))
 
 
 def main() -> None:

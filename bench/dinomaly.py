@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mdtable import table
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 MAX_TRAIN = {"pcb": 50}
@@ -100,12 +102,7 @@ def print_table(rows: list[dict]) -> None:
             ("iterations", "iters", "d"), ("image_auroc", "img AUROC", ".3f"), ("pixel_auroc", "px AUROC", ".3f"),
             ("aupro", "AUPRO", ".3f"), ("train_s", "train s", ".0f"), ("ms_per_image", "ms/img", ".0f"),
             ("final_loss", "last loss", ".4f"), ("peak_rss_mb", "peak RSS MB", ".0f")]
-    fmt = [[h for _, h, _ in cols]] + [["-" if r.get(k) is None else format(r[k], f) for k, _, f in cols]
-                                       for r in rows]
-    widths = [max(len(row[i]) for row in fmt) for i in range(len(cols))]
-    text = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in fmt]
-    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    print("\n".join(text))
+    print(table(rows, cols))
     if any(str(r.get("encoder", "")).startswith("cnn-variant") for r in rows):
         print("\ncnn-variant: Dinomaly on an ImageNet CNN's stages as tokens (offline adapter), "
               "NOT the paper's DINOv2 ViT encoder.")

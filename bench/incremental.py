@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from mdtable import table
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -73,10 +75,7 @@ def main() -> None:
     cols = [("model", "s"), ("train_images", "d"), ("bank", "d"), ("seconds", ".1f"), ("image_auroc", ".3f"),
             ("pixel_auroc", ".3f"), ("aupro", ".3f")]
     print(f"line {args.line}; seconds: fit, update (new images only) or full refit")
-    print("| " + " | ".join(c for c, _ in cols) + " |")
-    print("|" + "|".join("---" for _ in cols) + "|")
-    for r in rows:
-        print("| " + " | ".join(format(r[c], s) for c, s in cols) + " |")
+    print(table(rows, [(c, c, s) for c, s in cols]))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from mdtable import table
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -90,16 +92,10 @@ def run_line(line: str, settings: list[str], sets: list[str], threads: int, max_
 
 
 def print_table(rows: list[dict]) -> None:
-    def f(v, spec):
-        return "-" if v is None else format(v, spec)
-
     cols = [("line", "s"), ("setting", "s"), ("bank", "d"), ("index_bytes", ",d"), ("bytes_vs_flat", ".3f"),
             ("search_ms", ".2f"), ("score_ms", ".1f"), ("image_auroc", ".3f"), ("pixel_auroc", ".3f"),
             ("aupro", ".3f"), ("d_image_auroc", "+.3f"), ("d_pixel_auroc", "+.3f"), ("d_aupro", "+.3f")]
-    print("| " + " | ".join(c for c, _ in cols) + " |")
-    print("|" + "|".join("---" for _ in cols) + "|")
-    for r in rows:
-        print("| " + " | ".join(f(r.get(c), s) for c, s in cols) + " |")
+    print(table(rows, [(c, c, s) for c, s in cols]))
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mdtable import table
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -126,10 +128,7 @@ def run_sharded(args, n: int) -> dict:
 
 
 def print_rows(rows: list[dict], cols: list[tuple[str, str]]) -> None:
-    print("| " + " | ".join(c for c, _ in cols) + " |")
-    print("|" + "|".join("---" for _ in cols) + "|")
-    for r in rows:
-        print("| " + " | ".join("-" if r.get(c) is None else format(r[c], s) for c, s in cols) + " |")
+    print(table(rows, [(c, c, s) for c, s in cols]))
 
 
 def main() -> None:

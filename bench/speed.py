@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+from mdtable import markdown
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 MAX_TRAIN = {"pcb": 50}
@@ -396,11 +398,7 @@ def cell(entry: dict, key: str, spec: str) -> str:
 
 
 def print_table(summary: list[dict]) -> None:
-    cells = [[h for _, h, _ in COLUMNS]] + [[cell(e, k, f) for k, _, f in COLUMNS] for e in summary]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    print("\n".join(lines))
+    print(markdown([[h for _, h, _ in COLUMNS]] + [[cell(e, k, f) for k, _, f in COLUMNS] for e in summary]))
     print(
         "ratio = ours / anomalib (means over runs; ± = sample sd over seeds). inf/backbone = inference ms "
         "over timm's eager features_only forward alone (the reference both run) on the same tensors, "

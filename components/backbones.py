@@ -215,6 +215,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.channels: list[int] = list(body.feature_info.channels())
         self.strides: list[int] = list(body.feature_info.reduction())
+        self._graphs: dict = {}  # (C, H, W), dtype, device -> frozen graph, or False where tracing failed
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return list(self.body((images - self.mean) / self.std))
@@ -247,15 +248,8 @@ class FeatureExtractor(nn.Module):
                            tuple(images.shape), exc)
             return False
 
-    @property
-    def _graphs(self) -> dict:
-        graphs = self.__dict__.get("_graph_cache")
-        if graphs is None:
-            graphs = self.__dict__["_graph_cache"] = {}
-        return graphs
-
     def drop_graphs(self) -> None:
-        self.__dict__.pop("_graph_cache", None)
+        self._graphs.clear()
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         self.drop_graphs()
@@ -270,7 +264,7 @@ class FeatureExtractor(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in super().__getstate__().items() if k != "_graph_cache"}
+        return {**super().__getstate__(), "_graphs": {}}  # graphs are rebuilt on use, never copied
 
 
 class _TupleOutput(nn.Module):
