@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from child import run_worker
 from mdtable import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,18 +90,14 @@ def main() -> None:
         return
     lines = args.lines or sorted(p.name for p in DATASETS.iterdir() if (p / "train").is_dir())
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     for line in lines:
         for backbone in args.backbones:
-            cmd = [sys.executable, __file__, "--worker", line, backbone, "--threads", str(args.threads)]
-            cmd += [f"--set={s}" for s in args.sets]
-            if args.max_train is not None:
-                cmd += ["--max-train", str(args.max_train)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            if proc.returncode != 0:
-                print(f"{line}/{backbone} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            extra = [f"--set={s}" for s in args.sets]
+            extra += ["--max-train", str(args.max_train)] if args.max_train is not None else []
+            row = run_worker(__file__, [line, backbone], args.threads, extra, f"{line}/{backbone}")
+            if row is None:
                 continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(row)
             print(f"done {line}/{backbone}: {rows[-1]['fit_s']:.1f} s fit", file=sys.stderr, flush=True)
     print_table(rows)
     if args.json:

@@ -1,24 +1,31 @@
-"""Greedy coreset on a synthetic bank: ours (components.coreset.greedy_coreset) vs anomalib's KCenterGreedy.
+"""Greedy coreset selection: ours (exact rounds, and the sharded composable variant) against the
+one-pick-per-pass loop this project used before (2026-11-23) and anomalib's KCenterGreedy.
 
-Needs the benchmark environment (anomalib lives only there):
+    .venv/bin/python bench/coreset.py --line pcb --size 640 --n 640000 --ratios 0.1     # real patches
+    .venv/bin/python bench/coreset.py --line pcb --size 640 --ratios 0.1 --impls rounds sharded:2 sharded:4
+    .venv-bench/bin/python bench/coreset.py --impls rounds anomalib --timeout 900      # + anomalib (bench env)
+    .venv/bin/python bench/coreset.py --n 20000 --ratios 0.01                            # smoke test
 
-    make bench-env
-    .venv-bench/bin/python bench/coreset.py                              # 200,000 x 1024, ratios 1 % and 10 %
-    .venv-bench/bin/python bench/coreset.py --timeout 900                # cap each anomalib run at 15 min
-    .venv-bench/bin/python bench/coreset.py --n 20000 --ratios 0.01      # smoke test
+Data: `--line L --size S`: the PatchCore patch embeddings (params.yaml defaults: mobilenetv2_100 levels
+2 and 3, 128 dims) of every train/good image of ../shared/datasets/L at S x S px, the first `--n` rows;
+without `--line`: N x D float32 (default 200,000 x 1024), a seeded mixture of 64 Gaussians with
+Dirichlet(1) weights, each its centre ~ N(0, I) plus a rank-16 Gaussian (scale uniform in [0.2, 0.6]) plus
+isotropic N(0, 0.05^2) noise (structure at several scales, as patch features have).
 
-Data: N x D float32 (default 200,000 x 1024), seeded (--seed): a mixture of 64 Gaussians with
-Dirichlet(1) weights; centres ~ N(0, I); each component is its centre plus a rank-16 Gaussian (random
-(16, D) basis, per-component scale uniform in [0.2, 0.6], so spreads of about 6-19 against centre
-distances of about 45) plus isotropic N(0, 0.05^2) noise; rows shuffled. Structure at several scales, as
-patch features have, rather than an isotropic blob.
+Implementations (`--impls`), each in its own child process (same threads; peak RSS is the child's), timed
+from the features in memory to the indices, the 128-dim Gaussian projection included (none when D = 128):
+- `before`: the loop this project shipped until this change: one matrix-vector product over all N points
+  per pick (kept here, verbatim in substance, as the reference);
+- `rounds`: components.coreset.greedy_coreset (exact rounds; the default);
+- `sharded:S`: components.coreset.sharded_coreset over S k-means cells;
+- `anomalib`: anomalib 2.7's KCenterGreedy (only in the bench environment).
+A run that passes `--timeout` (before, anomalib) is stopped; the table then shows the time extrapolated
+linearly from the picks done (each pick costs the same there) and no radius.
 
-Each selection runs in its own child process (same thread count; peak RSS is the child's), timed from the
-features in memory to the indices (projections included: ours a 128-dim Gaussian JL projection, anomalib
-its sparse random projection with eps=0.9). The coverage radius, max over all points of the L2 distance
-to the nearest selected point, is then computed exactly in the full D dims for every selection (faiss flat
-index over the selected points, every point searched). An anomalib run that passes --timeout is stopped:
-the table shows the steps it completed and the time extrapolated linearly to all steps (no radius).
+Columns: the exact coverage radius (max over all points of the L2 distance to the nearest selected point,
+in the space the selection ran in: the projection for D > 128; faiss flat search of every point), its
+ratio to `before`'s (or to `rounds`' when `before` did not finish), the speed-up over `before`, and
+whether the picks equal `before`'s, index for index.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mdtable import table
 
 ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
 COMPONENTS, RANK, NOISE = 64, 16, 0.05
 
 
@@ -58,48 +67,107 @@ def synthetic_bank(n: int, dim: int, seed: int) -> np.ndarray:
     return out[torch.randperm(n, generator=g)].numpy()
 
 
-def coverage_radius(points: np.ndarray, selected: np.ndarray, threads: int, block: int = 16384) -> float:
-    """Max over points of the L2 distance to the nearest selected point, exact.
+def line_features(line: str, size: int, n: int | None, threads: int) -> np.ndarray:
+    """PatchCore embeddings of every train/good image of a shared line at size x size -> (N, 128)."""
+    import torch
 
-    points (N, D) float32, selected (M,) indices -> radius."""
+    sys.path.insert(0, str(ROOT))
+    from components.config import load_config
+    from components.data import scan_line
+    from components.detector import create_detector
+    from components.training import image_stream
+
+    torch.set_num_threads(threads)
+    cfg = load_config(ROOT / "params.yaml", [f"data.image_size=[{size}, {size}]", "data.resize=resize",
+                                             f"detector.patchcore.threads={threads}"])
+    split = scan_line(DATASETS / line, require_test=False)
+    det = create_detector(cfg)
+    t = time.perf_counter()
+    feats = det.extract(image_stream(split.train, cfg.data)).float().numpy()
+    print(f"extracted {feats.shape} from {len(split.train)} images in {time.perf_counter() - t:.1f} s",
+          file=sys.stderr, flush=True)
+    return np.ascontiguousarray(feats[:n] if n else feats)
+
+
+def projected(points: np.ndarray, seed: int) -> np.ndarray:
+    """The space the selections run in: the 128-dim projection (identity for D <= 128)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from components.coreset import random_projection
+
+    return random_projection(torch.from_numpy(points), 128, seed).numpy()
+
+
+def coverage_radius(points: np.ndarray, selected: np.ndarray, threads: int, block: int = 65536) -> float:
+    """Max over points of the L2 distance to the nearest selected point, exact. points (N, d), selected (M,)."""
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    index = faiss.IndexFlatL2(points.shape[1])
-    index.add(np.ascontiguousarray(points[selected]))
+    centres = np.ascontiguousarray(points[selected])
     worst = 0.0
     for start in range(0, len(points), block):
-        sq, _ = index.search(np.ascontiguousarray(points[start : start + block]), 1)
+        sq, _ = faiss.knn(np.ascontiguousarray(points[start : start + block]), centres, 1)
         worst = max(worst, float(sq.max()))
     return float(np.sqrt(max(worst, 0.0)))
 
 
 # ------------------------------------------------------------------------------------------ child side
+def before_greedy(xp, ratio: float, seed: int):
+    """The one-pick-per-pass loop this project shipped before exact rounds: xp (N, d) float32 -> (M,)."""
+    import torch
+
+    from components.coreset import coreset_size
+
+    xt = xp.T.contiguous()  # (d, N): one vector-matrix product per pick streams the points once
+    n = xt.shape[1]
+    m = coreset_size(n, ratio)
+    sq_norms = (xt * xt).sum(0)
+    start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+    selected = torch.empty(m, dtype=torch.long)
+    selected[0] = start
+
+    def dist_to(idx: int):
+        return torch.mm(xt[:, idx].unsqueeze(0), xt).squeeze(0).mul_(-2).add_(sq_norms).add_(sq_norms[idx]).clamp_(min=0)
+
+    min_dist = dist_to(start)
+    t0 = last = time.perf_counter()
+    for i in range(1, m):
+        idx = int(torch.argmax(min_dist))
+        selected[i] = idx
+        torch.minimum(min_dist, dist_to(idx), out=min_dist)
+        if time.perf_counter() - last > 5:
+            last = time.perf_counter()
+            print(f"PROGRESS {i + 1} {m} {last - t0:.3f}", file=sys.stderr, flush=True)
+    return selected.numpy()
+
+
 def run_child(impl: str, data_path: Path, ratio: float, seed: int, out_path: Path, threads: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
     import components.torchvision_compat  # noqa: F401  (before anomalib imports torchvision)
+    from components import coreset, knn
 
     torch.set_num_threads(threads)
+    knn.set_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
     features = torch.from_numpy(np.load(data_path))
     print("START", file=sys.stderr, flush=True)  # the parent's --timeout counts from here (imports excluded)
     t = time.perf_counter()
-    if impl == "ours":
-        from components.coreset import greedy_coreset
-
-        indices = greedy_coreset(features, ratio, seed).numpy()
+    if impl == "rounds":
+        indices = coreset.greedy_coreset(features, ratio, seed).numpy()
+    elif impl.startswith("sharded:"):
+        indices = coreset.select_coreset(features, ratio, seed, shards=int(impl.split(":")[1])).indices.numpy()
+    elif impl == "before":
+        indices = before_greedy(coreset.random_projection(features, 128, seed), ratio, seed)
     else:
         indices = np.asarray(_anomalib_select(features, ratio), dtype=np.int64)
     seconds = time.perf_counter() - t
     np.save(out_path, indices)
-    return {
-        "seconds": seconds,
-        "selected": len(indices),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return {"seconds": seconds, "selected": len(indices),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _anomalib_select(features, ratio: float) -> list[int]:
@@ -107,10 +175,7 @@ def _anomalib_select(features, ratio: float) -> list[int]:
     from anomalib.models.components.sampling import KCenterGreedy
 
     sampler = KCenterGreedy(embedding=features, sampling_ratio=ratio)
-    update, state = (
-        sampler.update_distances,
-        {"steps": 0, "last": time.perf_counter(), "t0": time.perf_counter()},
-    )
+    update, state = sampler.update_distances, {"steps": 0, "last": time.perf_counter(), "t0": time.perf_counter()}
 
     def counted(cluster_center):
         update(cluster_center)
@@ -118,11 +183,8 @@ def _anomalib_select(features, ratio: float) -> list[int]:
         now = time.perf_counter()
         if now - state["last"] > 5:
             state["last"] = now
-            print(
-                f"PROGRESS {state['steps']} {sampler.coreset_size} {now - state['t0']:.3f}",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"PROGRESS {state['steps']} {sampler.coreset_size} {now - state['t0']:.3f}", file=sys.stderr,
+                  flush=True)
 
     sampler.update_distances = counted
     return sampler.select_coreset_idxs()
@@ -130,30 +192,14 @@ def _anomalib_select(features, ratio: float) -> list[int]:
 
 # ----------------------------------------------------------------------------------------- parent side
 def run_selection(impl: str, data_path: Path, ratio: float, args, workdir: Path) -> dict:
-    out_path = workdir / f"{impl}_{ratio}.npy"
-    log_path = workdir / f"{impl}_{ratio}.log"
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        impl,
-        str(data_path),
-        str(ratio),
-        str(out_path),
-        "--seed",
-        str(args.seed),
-        "--threads",
-        str(args.threads),
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
-        "MKL_NUM_THREADS": str(args.threads),
-        **({"MALLOC_MMAP_THRESHOLD_": "131072"} if impl == "anomalib" else {}),  # see bench/speed.py
-        "TQDM_DISABLE": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    timeout = args.timeout if impl == "anomalib" else None
+    tag = impl.replace(":", "_")
+    out_path, log_path = workdir / f"{tag}_{ratio}.npy", workdir / f"{tag}_{ratio}.log"
+    cmd = [sys.executable, __file__, "--worker", impl, str(data_path), str(ratio), str(out_path),
+           "--seed", str(args.seed), "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           **({"MALLOC_MMAP_THRESHOLD_": "131072"} if impl == "anomalib" else {}),  # see bench/speed.py
+           "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    timeout = args.timeout if impl in ("anomalib", "before") else None
     with open(log_path, "w") as log, open(workdir / "stdout.txt", "w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=log, text=True, env=env, cwd=ROOT)
         if not _wait(proc, log_path, timeout):
@@ -164,13 +210,8 @@ def run_selection(impl: str, data_path: Path, ratio: float, args, workdir: Path)
         stdout = out.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} at {ratio} failed:\n{log_path.read_text()[-3000:]}")
-    return {
-        "impl": impl,
-        "ratio": ratio,
-        "timed_out": False,
-        "indices": str(out_path),
-        **json.loads(stdout.strip().splitlines()[-1]),
-    }
+    return {"impl": impl, "ratio": ratio, "timed_out": False, "indices": str(out_path),
+            **json.loads(stdout.strip().splitlines()[-1])}
 
 
 def _wait(proc: subprocess.Popen, log_path: Path, timeout: float | None) -> bool:
@@ -190,60 +231,56 @@ def _progress(log_path: Path, timeout: float) -> dict:
     if not lines:
         return {"seconds": None, "steps_done": 0}
     _, done, total, elapsed = lines[-1]
-    return {
-        "steps_done": int(done),
-        "steps_total": int(total),
-        "seconds_at_timeout": timeout,
-        "estimated_seconds": float(elapsed) * int(total) / max(int(done), 1),
-    }
+    return {"steps_done": int(done), "selected": int(total), "seconds": None,
+            "estimated_seconds": float(elapsed) * int(total) / max(int(done), 1)}
 
 
-def print_table(rows: list[dict]) -> None:
-    head = (
-        "| ratio | impl | selected | seconds | peak RSS MB | coverage radius | speed-up (anomalib / ours) "
-        "| radius ours / anomalib |"
-    )
-    print(head)
-    print("|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|")
+def compare(rows: list[dict]) -> list[dict]:
+    """Add speed-up over `before`, radius ratio (to before, else rounds) and same-picks columns."""
+    out = []
     for ratio in dict.fromkeys(r["ratio"] for r in rows):
-        pair = {r["impl"]: r for r in rows if r["ratio"] == ratio}
-        for impl, r in pair.items():
-            if r["timed_out"]:
-                secs = (
-                    f"> {r['seconds_at_timeout']:.0f} (stopped at {r.get('steps_done', 0)}/"
-                    f"{r.get('steps_total', '?')} steps; est. {r.get('estimated_seconds') or 0:.0f})"
-                )
-            else:
-                secs = f"{r['seconds']:.1f}"
-            radius = "-" if r.get("radius") is None else f"{r['radius']:.3f}"
-            rss = "-" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f}"
-            speed, rad = "", ""
-            if impl == "ours" and "anomalib" in pair:
-                other = pair["anomalib"]
-                theirs = other.get("seconds") if not other["timed_out"] else other.get("estimated_seconds")
-                if theirs:
-                    speed = f"{theirs / r['seconds']:.1f}x" + (" (est.)" if other["timed_out"] else "")
-                if other.get("radius") and r.get("radius"):
-                    rad = f"{r['radius'] / other['radius']:.3f}"
-            print(
-                f"| {ratio:g} | {impl} | {r.get('selected', '-')} | {secs} | {rss} | {radius} "
-                f"| {speed} | {rad} |"
-            )
+        group = {r["impl"]: r for r in rows if r["ratio"] == ratio}
+        before = group.get("before")
+        ref_radius = (before or {}).get("radius") or group.get("rounds", {}).get("radius")
+        before_s = None if before is None else (before.get("seconds") or before.get("estimated_seconds"))
+        for r in group.values():
+            r = dict(r)
+            r["time"] = (f"{r['seconds']:.1f}" if r.get("seconds") is not None
+                         else f"> {args_timeout(r)} (est. {r.get('estimated_seconds') or 0:.0f})")
+            if before_s and r.get("seconds"):
+                r["speedup"] = f"{before_s / r['seconds']:.1f}x" + (" (est.)" if before["timed_out"] else "")
+            if ref_radius and r.get("radius"):
+                r["radius_ratio"] = r["radius"] / ref_radius
+            if before is not None and before.get("picks") is not None and r.get("picks") is not None:
+                r["same"] = same_picks(r["picks"], before["picks"])
+            out.append(r)
+    return out
+
+
+def same_picks(got: np.ndarray, ref: np.ndarray) -> str:
+    """"yes" (same indices, same order), "same set" (float near-ties swapped), else how many differ."""
+    if np.array_equal(got, ref):
+        return "yes"
+    if len(got) == len(ref) and np.array_equal(np.sort(got), np.sort(ref)):
+        return "same set"
+    return f"{len(np.setdiff1d(got, ref))} of {len(ref)} differ"
+
+
+def args_timeout(row: dict) -> str:
+    return f"{row.get('timeout', 0):.0f} s"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--n", type=int, default=200_000)
-    parser.add_argument("--dim", type=int, default=1024)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--line", default=None, help="real patches of ../shared/datasets/LINE (default: synthetic)")
+    parser.add_argument("--size", type=int, default=256, help="image size for --line")
+    parser.add_argument("--n", type=int, default=None, help="rows (synthetic default 200,000; --line: all)")
+    parser.add_argument("--dim", type=int, default=1024, help="synthetic dims")
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.01, 0.1])
-    parser.add_argument("--impls", nargs="*", default=["ours", "anomalib"], choices=["ours", "anomalib"])
+    parser.add_argument("--impls", nargs="*", default=["before", "rounds", "sharded:4"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--timeout", type=float, default=None, help="seconds per anomalib run (default: none)"
-    )
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per before/anomalib run")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "DATA", "RATIO", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,33 +288,37 @@ def main() -> None:
         impl, data, ratio, out = args.worker
         print(json.dumps(run_child(impl, Path(data), float(ratio), args.seed, Path(out), args.threads)))
         return
-    import torch
-
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()[0]:.2f} (1 min) at start", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="coreset-bench-") as tmp:
         workdir = Path(tmp)
-        points = synthetic_bank(args.n, args.dim, args.seed)
+        if args.line:
+            points = line_features(args.line, args.size, args.n, args.threads)
+            what = f"{args.line} at {args.size} px: {points.shape[0]} x {points.shape[1]} patch embeddings"
+        else:
+            points = synthetic_bank(args.n or 200_000, args.dim, args.seed)
+            what = f"{points.shape[0]} x {points.shape[1]} float32, mixture of {COMPONENTS} rank-{RANK} Gaussians"
         np.save(workdir / "bank.npy", points)
+        space = projected(points, args.seed)
+        del points
         rows = []
         for ratio in args.ratios:
             for impl in args.impls:
                 row = run_selection(impl, workdir / "bank.npy", ratio, args, workdir)
+                row["timeout"] = args.timeout or 0
                 if not row["timed_out"]:
-                    t = time.perf_counter()
-                    row["radius"] = coverage_radius(points, np.load(row.pop("indices")), args.threads)
-                    row["radius_s"] = time.perf_counter() - t
+                    row["picks"] = np.load(row.pop("indices"))
+                    row["radius"] = coverage_radius(space, row["picks"], args.threads)
                 rows.append(row)
-                print(f"done {impl} at {ratio:g}: {row}", file=sys.stderr, flush=True)
-    print(
-        f"{args.n} x {args.dim} float32, mixture of {COMPONENTS} rank-{RANK} Gaussians, seed {args.seed}, "
-        f"{args.threads} threads"
-    )
-    print_table(rows)
+                print(f"done {impl} at {ratio:g}: { {k: v for k, v in row.items() if k != 'picks'} }",
+                      file=sys.stderr, flush=True)
+    print(f"{what}, seed {args.seed}, {args.threads} threads")
+    print(table(compare(rows), [("ratio", "ratio", "g"), ("impl", "impl", ""), ("selected", "selected", ""),
+                                ("time", "seconds", ""), ("speedup", "speed-up over before", ""),
+                                ("peak_rss_mb", "peak RSS MB", ".0f"), ("radius", "coverage radius", ".4f"),
+                                ("radius_ratio", "radius / before's", ".4f"), ("same", "same picks as before", "")]))
     print(f"load average {os.getloadavg()[0]:.2f} (1 min) at the end")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "picks"} for r in rows], indent=2))
 
 
 if __name__ == "__main__":

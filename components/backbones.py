@@ -235,11 +235,23 @@ class FeatureExtractor(nn.Module):
             graph = self._graphs[key] = self._trace(images)
         return self.forward(images) if graph is False else list(graph(images))
 
-    def _trace(self, images: torch.Tensor):
+    def frozen_with(self, head: nn.Module, images: torch.Tensor):
+        """head(levels) for inference, as one frozen graph: the backbone and the head (e.g. PatchCore's patch
+        pooling) traced together, so the head's ops are optimised with the backbone's. Same rules as
+        `frozen` (plain calls with autograd or in training mode; the graphs drop with the backbone's)."""
+        if torch.is_grad_enabled() or self.training:
+            return head(self.forward(images))
+        key = ("head", id(head), tuple(images.shape[1:]), images.dtype, images.device.type)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._trace(images, head)
+        return head(self.forward(images)) if graph is False else graph(images)
+
+    def _trace(self, images: torch.Tensor, head: nn.Module | None = None):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit's DeprecationWarnings: the API still works
-                wrapper = _TupleOutput(self)
+                wrapper = _TupleOutput(self) if head is None else _Headed(self, head)
                 wrapper.training = False  # not .eval(): that recurses into train(), which drops the graphs
                 graph = torch.jit.freeze(torch.jit.trace(wrapper, images, check_trace=False))
                 return torch.jit.optimize_for_inference(graph)
@@ -265,6 +277,17 @@ class FeatureExtractor(nn.Module):
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_graphs": {}}  # graphs are rebuilt on use, never copied
+
+
+class _Headed(nn.Module):
+    """extractor + head as one module for tracing (FeatureExtractor.frozen_with)."""
+
+    def __init__(self, extractor: FeatureExtractor, head: nn.Module) -> None:
+        super().__init__()
+        self.extractor, self.head = extractor, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.extractor.forward(images))
 
 
 class _TupleOutput(nn.Module):

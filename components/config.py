@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from components.dinomaly.config import DinomalyConfig
 from components.divide_assemble.config import DivideAssembleConfig
+from components.patchcore.config import PatchCoreConfig
+from components.patchcore.ensemble_config import PatchCoreEnsembleConfig
 from components.students.config import StudentsConfig
 from components.transformaly.config import TransformalyConfig
 
@@ -36,7 +38,9 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     image_size: tuple[PositiveInt, PositiveInt] = (256, 256)
-    resize: Literal["resize", "shorter"] = "resize"
+    # resize: squash to image_size | shorter: shorter side to image_size[0], crop to image_size | aspect:
+    # shorter side to min(image_size), aspect kept, no implicit crop | none: native size (crop_size applies)
+    resize: Literal["resize", "shorter", "aspect", "none"] = "resize"
     crop_size: tuple[PositiveInt, PositiveInt] | None = None
     max_image_pixels: PositiveInt = 100_000_000
     batch_size: PositiveInt = 16
@@ -61,33 +65,10 @@ class BackboneConfig(Section):
         return self
 
 
-class PatchCoreConfig(Section):
-    patch_size: PositiveInt = 3
-    patch_stride: PositiveInt = 1
-    pretrain_embed_dim: PositiveInt | Literal["auto"] = "auto"
-    target_embed_dim: PositiveInt | Literal["auto"] = "auto"
-    compact_embedding: bool = True
-    coreset_ratio: Fraction = 0.1
-    projection_dim: Annotated[int, Field(ge=0)] = 128
-    seed: int = 0
-    index: Literal["flat", "ivf", "ivfpq"] = "flat"
-    ivf_lists: PositiveInt = 256
-    pq_subquantizers: PositiveInt = 16
-    num_neighbors: PositiveInt = 9
-    image_score: Literal["reweighted", "max"] = "reweighted"
-    smoothing_sigma: Annotated[float, Field(ge=0.0)] = 4.0
-    feature_dtype: Literal["float32", "float16"] = "float32"
-    # fit: patch features to an on-disk store (same selection; RAM grows with N * projection_dim, not N * D):
-    # auto = spill once the in-memory features pass stream_threshold_mb; feature_dir: store folder (None: TMPDIR)
-    stream_features: bool | Literal["auto"] = "auto"
-    stream_threshold_mb: PositiveInt = 2048
-    feature_dir: Path | None = None
-    threads: Annotated[int, Field(ge=0)] = 0
-
-
 class DetectorConfig(Section):
     method: str = "patchcore"
     patchcore: PatchCoreConfig = PatchCoreConfig()
+    patchcore_ensemble: PatchCoreEnsembleConfig = PatchCoreEnsembleConfig()
     dinomaly: DinomalyConfig = DinomalyConfig()
     divide_assemble: DivideAssembleConfig = DivideAssembleConfig()
     students: StudentsConfig = StudentsConfig()

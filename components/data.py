@@ -335,14 +335,33 @@ def scan_line(root: str | Path, require_test: bool = True) -> LineSplit:
 
 # ------------------------------------------------------------------------------------------- transforms
 
+RESIZE_MODES = ("resize", "shorter", "aspect", "none")
+
+
+def _crop_bound(image_size: tuple[int, int], resize: str) -> tuple[int, int] | None:
+    """The largest crop (H, W) every resized image holds, whatever its size; None for resize "none"."""
+    if resize == "resize":
+        return image_size
+    if resize == "none":
+        return None
+    s = image_size[0] if resize == "shorter" else min(image_size)
+    return s, s
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Geometry only (no mean/std: the backbone owns normalisation). Sizes are (H, W).
 
     resize="resize": plain resize to image_size, then centre crop to crop_size if given.
     resize="shorter": shorter side to image_size[0] keeping aspect, then centre crop to crop_size or
-    image_size. Images are resized bilinearly with antialiasing, masks by nearest-exact (pixel-centre
-    aligned like the bilinear resize), so both get the same geometric transform.
+    image_size.
+    resize="aspect": one scale factor bringing the shorter side to min(image_size), keeping the aspect
+    ratio (768 x 576 at image_size (256, 256) -> 341 x 256), then centre crop to crop_size if given.
+    resize="none": native resolution, then centre crop to crop_size if given (an image smaller than the
+    crop raises ValueError from `output_shape`).
+    Images are resized bilinearly with antialiasing, masks by nearest-exact (pixel-centre aligned like
+    the bilinear resize), so both get the same geometric transform. With aspect or none and no crop the
+    output size depends on the input's: `output_hw` is None and `output_shape(h, w)` gives it.
     """
 
     image_size: tuple[int, int]
@@ -350,35 +369,52 @@ class Preprocess:
     crop_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.resize not in ("resize", "shorter"):
-            raise ValueError(f"resize must be 'resize' or 'shorter', got {self.resize!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         for name in ("image_size", "crop_size"):
             size = getattr(self, name)
             if size is not None:
                 if len(size) != 2 or min(size) < 1:
                     raise ValueError(f"{name} must be two positive ints (H, W), got {size!r}")
                 object.__setattr__(self, name, (int(size[0]), int(size[1])))  # YAML lists -> hashable tuple
-        bound = self.image_size if self.resize == "resize" else (self.image_size[0],) * 2
-        if any(c > b for c, b in zip(self.output_hw, bound, strict=True)):
+        bound = _crop_bound(self.image_size, self.resize)
+        if self.output_hw is not None and bound is not None and any(
+                c > b for c, b in zip(self.output_hw, bound, strict=True)):
             raise ValueError(f"crop {self.output_hw} does not fit in the resized image {bound}")
 
     @property
-    def output_hw(self) -> tuple[int, int]:
-        return self.crop_size if self.crop_size is not None else self.image_size
+    def output_hw(self) -> tuple[int, int] | None:
+        """The output size (H, W) whatever the input, or None when it follows the input (aspect, none)."""
+        if self.crop_size is not None:
+            return self.crop_size
+        return self.image_size if self.resize in ("resize", "shorter") else None
+
+    def output_shape(self, h: int, w: int) -> tuple[int, int]:
+        """The output size (H, W) for an (h, w) input; ValueError when the crop does not fit (mode none)."""
+        rh, rw = self._resized_hw(h, w)
+        if self.output_hw is None:
+            return rh, rw
+        ch, cw = self.output_hw
+        if ch > rh or cw > rw:
+            raise ValueError(f"image {rh}x{rw} (H x W) after resize {self.resize!r} is smaller than "
+                             f"crop_size {ch}x{cw}")
+        return ch, cw
 
     def _resized_hw(self, h: int, w: int) -> tuple[int, int]:
         if self.resize == "resize":
             return self.image_size
-        s = self.image_size[0]
+        if self.resize == "none":
+            return h, w
+        s = self.image_size[0] if self.resize == "shorter" else min(self.image_size)
         return (s, max(s, round(w * s / h))) if h <= w else (max(s, round(h * s / w)), s)
 
     def _apply(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         """(1, C, H, W) float -> (C, h, w): resize then centre crop."""
-        rh, rw = self._resized_hw(*x.shape[-2:])
-        if (rh, rw) != tuple(x.shape[-2:]):
+        h, w = x.shape[-2:]
+        (rh, rw), (ch, cw) = self._resized_hw(h, w), self.output_shape(h, w)
+        if (rh, rw) != (h, w):
             kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
             x = F.interpolate(x, size=(rh, rw), mode=mode, **kwargs)
-        ch, cw = self.output_hw
         top, left = (rh - ch) // 2, (rw - cw) // 2
         return x[0, :, top: top + ch, left: left + cw]
 
@@ -412,14 +448,35 @@ class Batch:
 
 def _load_item(sample: Sample, preprocess: Preprocess, with_masks: bool, max_pixels: int):
     arr = load_image(sample.path, max_pixels)
+    try:
+        preprocess.output_shape(*arr.shape[:2])
+    except ValueError as exc:  # resize "none": an image smaller than crop_size
+        raise DataError(sample.path, f"{exc}; use a smaller data.crop_size or another data.resize") from None
     image = preprocess.image(arr)
     if not with_masks:
         return image, None
     if sample.label == 1 and sample.mask_path is not None:
         mask = preprocess.mask(load_mask(sample.mask_path, arr.shape[:2], sample.path, max_pixels))
     else:
-        mask = np.zeros(preprocess.output_hw, dtype=bool)
+        mask = np.zeros(tuple(image.shape[-2:]), dtype=bool)
     return image, mask
+
+
+def _check_shapes(items: list, samples: list[Sample], first: tuple[Path, tuple[int, int]] | None
+                  ) -> tuple[Path, tuple[int, int]]:
+    """DataError for the first item whose preprocessed size differs from the stream's first image's
+    (torch.stack needs one size; with resize aspect or none it follows each file's own size).
+    Returns the reference (path, (H, W)): `first`, or the first item's when `first` is None."""
+    for (image, _), sample in zip(items, samples, strict=True):
+        hw = (int(image.shape[-2]), int(image.shape[-1]))
+        if first is None:
+            first = (sample.path, hw)
+        elif hw != first[1]:
+            raise DataError(sample.path, f"preprocessed to {hw[0]}x{hw[1]} (H x W) but the first image of this "
+                                         f"set ({first[0]}) gives {first[1][0]}x{first[1][1]}: images of "
+                                         "different sizes cannot be batched; use data.resize: resize or a "
+                                         "data.crop_size")
+    return first
 
 
 def _make_batch(items: list, samples: list[Sample], with_masks: bool) -> Batch:
@@ -431,13 +488,15 @@ def _make_batch(items: list, samples: list[Sample], with_masks: bool) -> Batch:
 def iter_batches(samples: Iterable[Sample], preprocess: Preprocess, batch_size: int, with_masks: bool = False,
                  *, workers: int = 2, max_pixels: int = 100_000_000) -> Iterator[Batch]:
     """Stream batches in sample order; `workers` threads decode up to 2 batches ahead of the consumer
-    (0 = decode in the caller's thread). Stopping the iteration early cancels the pending decodes."""
+    (0 = decode in the caller's thread). Stopping the iteration early cancels the pending decodes.
+    Every image must preprocess to the first one's size (else DataError naming the file and both sizes)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     load = partial(_load_item, preprocess=preprocess, with_masks=with_masks, max_pixels=max_pixels)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="defectops-decode") if workers > 0 else None
     pending: deque[tuple[Sample, Future | None]] = deque()
     it = iter(samples)
+    first: tuple[Path, tuple[int, int]] | None = None
     try:
         while True:
             for s in islice(it, 2 * batch_size - len(pending)):
@@ -446,6 +505,7 @@ def iter_batches(samples: Iterable[Sample], preprocess: Preprocess, batch_size: 
                 return
             take = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
             items = [f.result() if f is not None else load(s) for s, f in take]
+            first = _check_shapes(items, [s for s, _ in take], first)
             yield _make_batch(items, [s for s, _ in take], with_masks)
     finally:
         if pool is not None:

@@ -173,7 +173,8 @@ def load_detector(directory: str | Path) -> Detector:
 def _import_builtin() -> None:
     import components.dinomaly.detector  # noqa: F401  (registers itself; the package __init__ stays lazy)
     import components.divide_assemble.detector  # noqa: F401  (registers itself)
-    import components.patchcore  # noqa: F401  (registers itself)
+    import components.patchcore.detector  # noqa: F401  (registers itself)
+    import components.patchcore.ensemble  # noqa: F401  (registers itself)
     import components.students.detector  # noqa: F401  (registers itself)
     import components.transformaly.detector  # noqa: F401  (registers itself)
 

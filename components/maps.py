@@ -16,6 +16,11 @@ import torch
 import torch.nn.functional as F
 
 
+@functools.lru_cache(maxsize=16)
+def _kernel_radius(sigma: float) -> int:
+    return gaussian_kernel1d(sigma).numel() // 2
+
+
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     """Normalised 1-D Gaussian, radius int(4 sigma + 0.5) as in scipy/anomalib -> (2r + 1,)."""
     radius = int(4.0 * sigma + 0.5)
@@ -53,7 +58,7 @@ def to_input_resolution(patch_scores: torch.Tensor, size: tuple[int, int], sigma
     A_h @ patch_scores @ A_w^T with the per-axis operators of `resize_blur_operator`.
     """
     (h, w), (out_h, out_w) = tuple(patch_scores.shape[-2:]), tuple(size)
-    radius = gaussian_kernel1d(sigma).numel() // 2 if sigma > 0 else 0
+    radius = _kernel_radius(float(sigma)) if sigma > 0 else 0
     mode = "reflect" if min(out_h, out_w) > radius else "replicate"  # as gaussian_blur decides it
     a_h = resize_blur_operator(h, out_h, float(sigma), mode).to(patch_scores.dtype)
     a_w = resize_blur_operator(w, out_w, float(sigma), mode).to(patch_scores.dtype)

@@ -12,6 +12,8 @@ same projection, same coreset, bitwise the same bank.
     det = fit_sharded(cfg, image_paths, address="tcp://scheduler:8786",     # a remote Dask cluster
                       shared_dir="/mnt/shared/defectops-shards")
 
+With `detector.patchcore.coreset_shards` > 1 the coreset's spatial cells run on the same workers (`dask_map`).
+
 Remote clusters: every worker needs this package and the same backbone weights (the same container
 image); the weights sha256 each worker used is checked against the client's. With `shared_dir` (a
 folder every worker and the client mount, e.g. NFS) workers write their shards there and only paths
@@ -136,11 +138,30 @@ def fit_sharded(cfg: Config, paths: Sequence[str | Path], n_workers: int = 2, ad
     lives in `work_dir` (default: a temporary folder) and is removed after the fit."""
     from components.patchcore.streaming import Workspace
 
-    with Workspace(work_dir) as ws:
-        store, timing = extract_sharded(cfg, paths, ws.path(), n_workers, address, shared_dir, client)
-        det = PatchCore(cfg).fit_store(store, extract_s=timing["extract_s"] + timing["merge_s"])
+    own, cluster = (None, None) if client is not None else _local_client(n_workers, address)
+    client = client or own
+    try:
+        with Workspace(work_dir) as ws:
+            store, timing = extract_sharded(cfg, paths, ws.path(), n_workers, address, shared_dir, client)
+            det = PatchCore(cfg).fit_store(store, extract_s=timing["extract_s"] + timing["merge_s"],
+                                           map_fn=dask_map(client))
+    finally:
+        if own is not None:
+            own.close()
+        if cluster is not None:
+            cluster.close()
     det.fit_stats_["extract_shards"] = float(timing["shards"])
     return det
+
+
+def dask_map(client):
+    """A `map` over a Dask client, in order: the sharded coreset's cells run as tasks on the workers
+    (used when detector.patchcore.coreset_shards > 1)."""
+
+    def mapped(fn, jobs):
+        return client.gather(client.map(fn, list(jobs), pure=False))
+
+    return mapped
 
 
 # ------------------------------------------------------------------------------------------- Prefect

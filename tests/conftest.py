@@ -46,6 +46,8 @@ TINY_METHOD_PARAMS: dict[str, dict] = {
                         "threads": 1},
     "transformaly": {"encoder": "cnn-variant", "cnn_blocks": [1, 2], "epochs": 5, "batch_size": 4,
                      "smoothing_sigma": 2.0, "seed": 0, "device": "cpu", "threads": 1},
+    # two tiny random timm backbones, both at backbone.layers [1, 2] (strides 4 and 8); the rest from patchcore
+    "patchcore_ensemble": {"backbones": ["test_resnet", "test_efficientnet"]},
     "students": {"patch_sizes": [9], "channels": 8, "descriptor_dim": 8, "teacher_patches": 64,
                  "teacher_iterations": 8, "teacher_batch_size": 16, "distill_size": 32, "num_students": 2,
                  "iterations": 30, "batch_size": 2, "crop_size": 24, "lr": 1e-3, "teacher_cache": False,

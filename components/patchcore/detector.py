@@ -1,8 +1,10 @@
 """PatchCore (Roth et al., CVPR 2022) behind the Detector protocol.
 
-fit: locally aware patch embeddings of every good image -> greedy coreset on a random projection ->
-faiss index over the kept embeddings (the memory bank). score: nearest-bank distance per patch -> anomaly
-map (bilinear upsampling + Gaussian smoothing); image score = the paper's reweighted maximum.
+fit: locally aware patch embeddings of every good image -> greedy coreset on a random projection
+(components.patchcore.bank: ratio, covering radius or shards) -> faiss index over the kept embeddings
+(the memory bank; `index: auto` picks exact or HNSW and checks its recall on good patches outside the
+bank). score: nearest-bank distance per patch -> anomaly map (bilinear upsampling + Gaussian smoothing);
+image score = the paper's reweighted maximum.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +33,11 @@ from components.detector import (
     register_detector,
     write_model_dir,
 )
+from components.patchcore import bank as bank_rows
 from components.patchcore import streaming
 from components.patchcore.features import FeatureStore, FeatureWriter
 from components.patchcore.model import PatchEmbedder
+from components.patchcore.tiling import TiledEmbedder
 
 logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -44,13 +49,14 @@ class PatchCore(BaseDetector):
         super().__init__(cfg)
         self.params = cfg.detector.patchcore
         self.memory_bank_: np.ndarray | None = None
-        self.embedder_: PatchEmbedder | None = None
+        self.embedder_: PatchEmbedder | TiledEmbedder | None = None
         self.index_ = None
         self.weights_: WeightsInfo | None = None
         self.grid_: tuple[int, int] | None = None
         self.image_size_: tuple[int, int] | None = None
         self.fit_stats_: dict[str, float] = {}
-        self._coreset_sq_radius = 0.0
+        self.index_report_: knn.IndexReport | None = None
+        self._selection_stats: dict[str, float] = {}
         self.updates_: list[dict] = []  # one record per `update` (images, patches, entries added, data)
 
     @property
@@ -69,14 +75,16 @@ class PatchCore(BaseDetector):
             return self._fit_collected(got, progress, time.perf_counter() - t0)
 
     def fit_store(self, store: FeatureStore, progress: ProgressFn | None = None, extract_s: float = 0.0,
-                  xt: torch.Tensor | None = None) -> PatchCore:
+                  xp: torch.Tensor | None = None, map_fn: Callable = map) -> PatchCore:
         """Fit from an on-disk FeatureStore (N, D) without loading it: the coreset runs on its projection
-        xt (d, N) (computed chunk-wise when not given), then the selected rows are read back.
-        Same bank as fit_features(store.read()) for the same seed."""
-        return self._fit_collected(streaming.Collected(None, store, xt), progress, extract_s)
+        xp (N, d) (computed chunk-wise when not given), then the selected rows are read back.
+        Same bank as fit_features(store.read()) for the same seed. map_fn runs a sharded coreset's shards
+        (coreset_shards > 1; e.g. over a Dask client, flows.sharded)."""
+        return self._fit_collected(streaming.Collected(None, store, xp), progress, extract_s, map_fn)
 
-    def _fit_collected(self, got: streaming.Collected, progress: ProgressFn | None, extract_s: float) -> PatchCore:
-        """fit_store on got.store; takes got.xt (so the projection is freed before the rows are read back)."""
+    def _fit_collected(self, got: streaming.Collected, progress: ProgressFn | None, extract_s: float,
+                       map_fn: Callable = map) -> PatchCore:
+        """fit_store on got.store; takes got.xp (so the projection is freed before the rows are read back)."""
         store = got.store
         self._ensure_embedder()
         if store.shape[1] != self.embedder_.embed_dim:
@@ -86,15 +94,14 @@ class PatchCore(BaseDetector):
             self.grid_ = tuple(int(v) for v in store.metadata["grid"].split(","))
         t1 = time.perf_counter()
         p = self.params
-        xt, got.xt = got.xt, None
-        if xt is None:
-            xt = streaming.project_store(store, p.projection_dim, p.seed)
-        callback = (lambda done, total: progress("coreset", done, total)) if progress else None
-        picked = coreset.greedy_coreset_projected(xt, p.coreset_ratio, p.seed, callback)
-        del xt
-        bank = torch.from_numpy(store.gather(picked.indices)).float().contiguous()
-        self._coreset_sq_radius = picked.sq_radius
-        return self._set_bank(bank, len(store), extract_s, time.perf_counter() - t1, store=True)
+        xp, got.xp = got.xp, None
+        if xp is None:
+            xp = streaming.project_store(store, p.projection_dim, p.seed)
+        picked = self._select_rows(xp, progress, map_fn)
+        del xp
+        bank = torch.from_numpy(store.gather(picked)).float().contiguous()
+        probes = store.gather(bank_rows.probe_rows(len(store), picked, p.seed)).astype(np.float32)
+        return self._set_bank(bank, len(store), extract_s, time.perf_counter() - t1, store=True, probes=probes)
 
     def update(self, images: ImageInput, progress: ProgressFn | None = None,
                lineage: dict | None = None) -> PatchCore:
@@ -115,11 +122,12 @@ class PatchCore(BaseDetector):
             callback = (lambda done, total: progress("coreset", done, total)) if progress else None
             rows, picked = streaming.extend_bank(self.memory_bank_, got, p.coreset_ratio, p.seed,
                                                  p.projection_dim, radius or 0.0, callback)
+            probes = got.gather(torch.from_numpy(bank_rows.probe_rows(got.n_rows, picked.indices, p.seed)))
         self.memory_bank_ = np.concatenate([self.memory_bank_, rows.numpy().astype(np.float32)])
-        self.index_ = self._build_index(self.memory_bank_)
+        self.index_ = self._build_index(self.memory_bank_, probes.numpy())
         new_radius = max(radius or 0.0, picked.sq_radius)
         self.fit_stats_ = {**self.fit_stats_, "bank_size": float(len(self.memory_bank_)),
-                           "coreset_sq_radius": new_radius}
+                           "coreset_sq_radius": new_radius, **self._index_stats()}
         self.updates_.append({"n_images": counter[0], "n_patches": got.n_rows, "added": len(rows),
                               "bank_size_before": before, "bank_size_after": len(self.memory_bank_),
                               "seconds": time.perf_counter() - t0, "data": dict(lineage or {})})
@@ -144,14 +152,19 @@ class PatchCore(BaseDetector):
         if features.ndim != 2 or features.shape[1] != self.embedder_.embed_dim:
             raise ValueError(f"features must be (N, {self.embedder_.embed_dim}), got {tuple(features.shape)}")
         t1 = time.perf_counter()
-        bank = self.select_bank(features, progress)
-        return self._set_bank(bank, features.shape[0], extract_s, time.perf_counter() - t1)
+        p = self.params
+        picked = self._select_rows(coreset.random_projection(features, p.projection_dim, p.seed), progress)
+        bank = features[picked].float().contiguous()
+        probes = features[torch.from_numpy(bank_rows.probe_rows(len(features), picked, p.seed))].float().numpy()
+        return self._set_bank(bank, features.shape[0], extract_s, time.perf_counter() - t1, probes=probes)
 
     def _set_bank(self, bank: torch.Tensor, n_patches: int, extract_s: float, coreset_s: float,
-                  store: bool = False) -> PatchCore:
+                  store: bool = False, probes: np.ndarray | None = None) -> PatchCore:
+        """bank (M, D) float32 -> memory_bank_ and its index (checked on probes (P, D), good patches
+        outside the bank), with the fit's statistics."""
         t2 = time.perf_counter()
         self.memory_bank_ = bank.numpy()
-        self.index_ = self._build_index(self.memory_bank_)
+        self.index_ = self._build_index(self.memory_bank_, probes)
         self.updates_ = []
         self.fit_stats_ = {
             "n_patches": float(n_patches),
@@ -160,7 +173,9 @@ class PatchCore(BaseDetector):
             "extract_s": extract_s,
             "coreset_s": coreset_s,
             "index_s": time.perf_counter() - t2,
-            "coreset_sq_radius": self._coreset_sq_radius,
+            "coreset_sq_radius": 0.0,
+            **self._selection_stats,
+            **self._index_stats(),
             "streamed": float(store),
         }
         logger.info("patchcore fitted: %d patches -> bank %s", n_patches, tuple(bank.shape))
@@ -182,7 +197,9 @@ class PatchCore(BaseDetector):
                 "patch_size": p.patch_size, "patch_stride": p.patch_stride,
                 "pretrain_embed_dim": p.pretrain_embed_dim, "target_embed_dim": p.target_embed_dim,
                 "compact_embedding": p.compact_embedding, "inference_graph": self.cfg.backbone.inference_graph,
-                "feature_dtype": p.feature_dtype}
+                "feature_dtype": p.feature_dtype,
+                # only when tiling: untiled keys stay as they were, so existing feature caches still hit
+                **({"tile_size": list(p.tile_size), "tile_overlap": p.tile_overlap} if p.tile_size else {})}
 
     def extract(self, images: ImageInput, progress: ProgressFn | None = None) -> torch.Tensor:
         """Patch embeddings of every image. images -> (N_images * h * w, D) in feature_dtype."""
@@ -222,13 +239,18 @@ class PatchCore(BaseDetector):
                 progress("features", n_images, None)
 
     def select_bank(self, features: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
-        """Greedy coreset of features (N, D) -> bank (M, D) float32."""
+        """Greedy coreset of features (N, D) -> bank (M, D) float32 (the rule of components.patchcore.bank)."""
+        p = self.params
+        picked = self._select_rows(coreset.random_projection(features, p.projection_dim, p.seed), progress)
+        return features[picked].float().contiguous()
+
+    def _select_rows(self, xp: torch.Tensor, progress: ProgressFn | None, map_fn: Callable = map) -> torch.Tensor:
+        """Coreset rows of projected features xp (N, d) -> indices (M,); keeps the rule's statistics."""
         callback = (lambda done, total: progress("coreset", done, total)) if progress else None
-        picked = coreset.select_coreset(
-            features, self.params.coreset_ratio, self.params.seed, self.params.projection_dim, callback
-        )
-        self._coreset_sq_radius = picked.sq_radius
-        return features[picked.indices].float().contiguous()
+        rows_per_image = int(np.prod(self.grid_)) if self.grid_ else xp.shape[0]
+        chosen = bank_rows.select_bank_rows(xp, self.params, rows_per_image, callback, map_fn)
+        self._selection_stats = chosen.stats
+        return chosen.coreset.indices
 
     # ---------------------------------------------------------------------------------------- score
     def score(self, images: torch.Tensor, progress: ProgressFn | None = None) -> ScoreBatch:
@@ -251,9 +273,13 @@ class PatchCore(BaseDetector):
         b, h, w, d = emb.shape
         flat = emb.reshape(-1, d).numpy()
         dist, nn_idx = knn.knn_distances(self.index_, flat, k=1)
-        patch = torch.from_numpy(dist[:, 0].reshape(b, h, w).copy())
-        image_scores = self._image_scores(flat.reshape(b, h * w, d), dist[:, 0].reshape(b, -1),
-                                          nn_idx[:, 0].reshape(b, -1))
+        dist, nn_idx = dist.reshape(b, h * w), nn_idx.reshape(b, h * w)
+        if self.params.refine_top and knn.index_kind(self.index_) in ("hnsw", "ivf"):
+            # graph / cell search only overestimates: each image's hottest patches are searched again,
+            # wider, so that one stuck search cannot make the image score (knn.refine_top)
+            knn.refine_top(self.index_, flat.reshape(b, h * w, d), dist, nn_idx, self.params.refine_top)
+        patch = torch.from_numpy(dist.reshape(b, h, w).copy())
+        image_scores = self._image_scores(flat.reshape(b, h * w, d), dist, nn_idx)
         amap = maps.to_input_resolution(patch, tuple(batch.shape[-2:]), self.params.smoothing_sigma)
         return ScoreBatch(image_scores.astype(np.float32, copy=False),
                           amap.numpy().astype(np.float32, copy=False))
@@ -291,7 +317,7 @@ class PatchCore(BaseDetector):
             "metadata.json": lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)),
             **self.threshold_writer(),
         }
-        if self.params.index != "flat":
+        if knn.index_kind(self.index_) != "flat":
             writers["index.faiss"] = lambda p: knn.write_index(self.index_, p)
         return write_model_dir(directory, self.name, writers)
 
@@ -309,6 +335,7 @@ class PatchCore(BaseDetector):
             "bank_size": int(self.memory_bank_.shape[0]),
             "grid": list(self.grid_) if self.grid_ else None,
             "fit_stats": self.fit_stats_,
+            "index": self.index_report_.as_dict() if self.index_report_ else None,
             "updates": self.updates_,
         }
 
@@ -323,8 +350,14 @@ class PatchCore(BaseDetector):
         det.embedder_ = det._embedder(extractor)
         det.weights_ = WeightsInfo(bb["weights_source"], bb["weights_location"], bb["weights_sha256"])
         det.memory_bank_ = load_file(str(files["bank.safetensors"]))["memory_bank"].numpy()
-        det.index_ = knn.read_index(files["index.faiss"]) if "index.faiss" in files else \
-            det._build_index(det.memory_bank_)
+        report = meta.get("index")
+        det.index_report_ = knn.IndexReport(**report) if report else None
+        if "index.faiss" in files:
+            det.index_ = knn.read_index(files["index.faiss"])
+            if det.index_report_ is not None:
+                knn.set_breadth(det.index_, det.index_report_.breadth)
+        else:
+            det.index_ = knn.build_index(det.memory_bank_, "flat")
         det.grid_ = tuple(meta["grid"]) if meta.get("grid") else None
         det.fit_stats_ = meta.get("fit_stats", {})
         det.updates_ = list(meta.get("updates", []))
@@ -332,19 +365,36 @@ class PatchCore(BaseDetector):
         return det
 
     # -------------------------------------------------------------------------------------- helpers
-    def _embedder(self, extractor: FeatureExtractor) -> PatchEmbedder:
+    def _embedder(self, extractor: FeatureExtractor) -> torch.nn.Module:
+        """The PatchEmbedder; with tile_size, a TiledEmbedder around it (same interface) so that larger images
+        are embedded tile by tile."""
         p = self.params
-        return PatchEmbedder(extractor, p.patch_size, p.patch_stride, p.pretrain_embed_dim,
-                             p.target_embed_dim, p.compact_embedding, self.cfg.backbone.inference_graph).eval()
+        embedder = PatchEmbedder(extractor, p.patch_size, p.patch_stride, p.pretrain_embed_dim,
+                                 p.target_embed_dim, p.compact_embedding, self.cfg.backbone.inference_graph).eval()
+        if p.tile_size is None:
+            return embedder
+        return TiledEmbedder(embedder, p.tile_size, p.tile_overlap, self.cfg.data.batch_size).eval()
 
-    def _build_index(self, bank: np.ndarray):
+    def _build_index(self, bank: np.ndarray, probes: np.ndarray | None):
+        """The configured index over bank (M, D), recall-checked on probes (P, D); keeps the report."""
         p = self.params
-        return knn.build_index(bank, p.index, p.ivf_lists, p.pq_subquantizers, p.seed)
+        index, self.index_report_ = knn.choose_index(bank, p.index, probes, p.index_recall, p.flat_max_bank,
+                                                     p.hnsw_m, p.ivf_lists, p.pq_subquantizers, p.seed)
+        return index
+
+    def _index_stats(self) -> dict[str, float]:
+        r = self.index_report_
+        if r is None:
+            return {}
+        return {"index_exact": float(r.kind == "flat"), "index_breadth": float(r.breadth),
+                "index_recall": r.recall, "index_mean_rel_error": r.mean_rel_error}
 
     def _set_threads(self) -> None:
-        if self.params.threads > 0:
-            torch.set_num_threads(self.params.threads)
-            knn.set_threads(self.params.threads)
+        threads = self.params.threads
+        if threads > 0 and torch.get_num_threads() != threads:  # per call: resetting costs ~0.3 ms
+            torch.set_num_threads(threads)
+        if threads > 0:
+            knn.set_threads(threads)
 
     @staticmethod
     def _check_input(batch: torch.Tensor) -> None:

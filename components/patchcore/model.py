@@ -67,7 +67,7 @@ class PatchEmbedder(nn.Module):
     ) -> None:
         super().__init__()
         self.extractor = extractor
-        self.graph = graph  # without autograd, run the extractor's frozen graph (FeatureExtractor.frozen)
+        self.graph = graph  # without autograd: backbone + pooling as one frozen graph (FeatureExtractor.frozen_with)
         self.patch_size = patch_size
         self.patch_stride = patch_stride
         w = pooling_matrix(extractor.channels, pretrain_dim, target_dim)
@@ -77,9 +77,13 @@ class PatchEmbedder(nn.Module):
             if factor.shape[1] < w.shape[1]:
                 w = factor
         identity = w.shape[0] == w.shape[1] and torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype))
-        self.register_buffer("projection", None if identity else w.float())
+        self.pool = LevelPooling(patch_size, patch_stride, None if identity else w.float())
         self.embed_dim = w.shape[1]
         self.stride = extractor.strides[0] * patch_stride
+
+    @property
+    def projection(self) -> torch.Tensor | None:
+        return self.pool.projection
 
     def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         with torch.no_grad():
@@ -90,7 +94,22 @@ class PatchEmbedder(nn.Module):
                 (w + 2 * pad - self.patch_size) // self.patch_stride + 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        levels = self.extractor.frozen(images) if self.graph else self.extractor(images)
+        if self.graph:  # backbone and pooling as one frozen graph without autograd (plain calls otherwise)
+            return self.extractor.frozen_with(self.pool, images)
+        return self.pool(self.extractor(images))
+
+
+class LevelPooling(nn.Module):
+    """Backbone levels -> locally aware patch embeddings: levels [(B, C_l, h_l, w_l)] -> (B, h, w, D) on the
+    first level's grid (average pooling over patch_size, stride patch_stride; deeper levels upsampled
+    bilinearly; channels concatenated, then the pooling map `projection` (sum C_l, D) when given)."""
+
+    def __init__(self, patch_size: int, patch_stride: int, projection: torch.Tensor | None) -> None:
+        super().__init__()
+        self.patch_size, self.patch_stride = patch_size, patch_stride
+        self.register_buffer("projection", projection)
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         pad = self.patch_size // 2
         pooled = [F.avg_pool2d(f, self.patch_size, self.patch_stride, pad, count_include_pad=True) for f in levels]
         grid = pooled[0].shape[-2:]

@@ -3,7 +3,7 @@ them for the coreset on the way; and the incremental (continued) coreset of an u
 
     with Workspace(params.feature_dir) as workspace:
         got = collect_features(rows, dim, "float16", "auto", 2048 << 20, workspace.path, 128, seed)
-        # got.features (N, D) in RAM, or got.store on disk with got.xt (d, N) projected for the coreset
+        # got.features (N, D) in RAM, or got.store on disk with got.xp (N, d) projected for the coreset
 
 A streamed fit holds the projection (N * projection_dim * 4 bytes) and the (N,) min-distances, never the
 (N, D) features; it selects bitwise the same indices as the in-memory path (coreset.ProjectionStream).
@@ -52,12 +52,12 @@ class Workspace:
 
 @dataclass
 class Collected:
-    """Features of a fit: in RAM (`features` (N, D)) or on disk (`store`, with `xt` (d, N) its
+    """Features of a fit: in RAM (`features` (N, D)) or on disk (`store`, with `xp` (N, d) its
     coreset projection)."""
 
     features: torch.Tensor | None
     store: FeatureStore | None
-    xt: torch.Tensor | None
+    xp: torch.Tensor | None
 
     @property
     def n_rows(self) -> int:
@@ -70,10 +70,10 @@ class Collected:
         return self.features[indices].float()
 
     def projected(self, projection_dim: int, seed: int) -> torch.Tensor:
-        """(d, N) float32: the coreset's projection (computed now for in-RAM features)."""
-        if self.xt is not None:
-            return self.xt
-        return coreset.random_projection(self.features, projection_dim, seed).T.contiguous()
+        """(N, d) float32: the coreset's projection (computed now for in-RAM features)."""
+        if self.xp is not None:
+            return self.xp
+        return coreset.random_projection(self.features, projection_dim, seed)
 
 
 def collect_features(rows: Iterable[torch.Tensor], dim: int, dtype: str, mode: bool | str, threshold_bytes: int,
@@ -116,7 +116,7 @@ def collect_features(rows: Iterable[torch.Tensor], dim: int, dtype: str, mode: b
 
 
 def project_store(store: FeatureStore, projection_dim: int, seed: int) -> torch.Tensor:
-    """The coreset projection of a store read chunk by chunk. -> (d, N) float32."""
+    """The coreset projection of a store read chunk by chunk. -> (N, d) float32."""
     stream = coreset.ProjectionStream(store.shape[1], projection_dim, seed)
     for _, chunk in store.iter_chunks(DEFAULT_CHUNK_ROWS):
         stream.add(torch.from_numpy(chunk))
@@ -129,10 +129,10 @@ def extend_bank(bank: np.ndarray, new: Collected, ratio: float, seed: int, proje
     start at each new point's distance to its nearest bank entry, in the same projection), adding points
     only while they lie beyond the bank's covering radius, at most round(ratio * N_new).
     -> (rows (K, D) float32, the Coreset of indices into `new`)."""
-    xt = new.projected(projection_dim, seed)
+    xp = new.projected(projection_dim, seed)
     bank_proj = coreset.random_projection(torch.from_numpy(np.ascontiguousarray(bank)), projection_dim, seed)
-    to_bank = knn.nearest_sq_distances(bank_proj.numpy(), xt.T.numpy())
-    picked = coreset.extend_coreset(xt, torch.from_numpy(to_bank), coreset.coreset_size(xt.shape[1], ratio),
+    to_bank = knn.nearest_sq_distances(bank_proj.numpy(), xp.numpy())
+    picked = coreset.extend_coreset(xp, torch.from_numpy(to_bank), coreset.coreset_size(xp.shape[0], ratio),
                                     sq_radius, progress)
     rows = new.gather(picked.indices) if len(picked.indices) else torch.zeros(0, bank.shape[1])
     return rows, picked

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from components import coreset
 from components.coreset import coreset_size, coverage_radius, greedy_coreset, random_projection
 
 
@@ -116,3 +118,72 @@ def test_coverage_radius_by_hand() -> None:
     assert coverage_radius(x, torch.tensor([0])) == pytest.approx(10.0)
     assert coverage_radius(x, torch.tensor([1])) == pytest.approx(5.0)
     assert coverage_radius(x, torch.tensor([0, 1, 2]), block=1) == pytest.approx(0.0)
+
+
+# ------------------------------------------------------------------------ exact rounds, radius, shards
+def textbook(x: torch.Tensor, m: int, start: int) -> tuple[list[int], list[float]]:
+    """The one-pick-per-pass k-center loop in float64 -> (picks, squared distance of each at pick time)."""
+    x = x.double()
+    picks, ins = [start], [float("inf")]
+    dist = ((x - x[start]) ** 2).sum(1)
+    for _ in range(m - 1):
+        i = int(dist.argmax())
+        picks.append(i)
+        ins.append(float(dist[i]))
+        dist = torch.minimum(dist, ((x - x[i]) ** 2).sum(1))
+    return picks, ins
+
+
+@pytest.mark.parametrize("candidates", [1, 7, 64, 5000])
+def test_rounds_pick_exactly_what_the_textbook_loop_picks(candidates: int) -> None:
+    """Many rounds (few candidates) or one (all candidates): the same picks as one pick per pass."""
+    x = clustered(per_cluster=150, dim=12, seed=3)
+    state = coreset.GreedyState(x.float())
+    state.add_first(5)
+    state.run(60, candidates=candidates)
+    got = state.result()
+    ref, ins = textbook(x, 60, 5)
+    assert got.indices.tolist() == ref
+    np.testing.assert_allclose(got.insertion[1:].numpy(), np.array(ins[1:]), rtol=1e-4)
+    assert torch.all(got.insertion[1:-1] >= got.insertion[2:])  # the covering radius never grows
+    assert got.sq_radius == pytest.approx(float(coverage_radius(x, got.indices)) ** 2, rel=1e-4)
+
+
+def test_radius_stop_keeps_every_point_within_the_radius() -> None:
+    x = clustered(per_cluster=150, dim=12, seed=4)
+    full = coreset.greedy_coreset_projected(x.float(), 0.5, seed=0)
+    target = float(full.insertion[40]) ** 0.5 * (1 + 1e-6)  # the radius just before the 41st pick
+    got = coreset.greedy_coreset_projected(x.float(), 0.5, seed=0, radius=target)
+    assert len(got.indices) == 40 and got.indices.tolist() == full.indices[:40].tolist()
+    assert coverage_radius(x, got.indices) <= target + 1e-4
+    # the ratio still caps the bank
+    assert len(coreset.greedy_coreset_projected(x.float(), 0.01, seed=0, radius=1e-6).indices) == round(len(x) * 0.01)
+
+
+def test_duplicates_stop_the_selection_once_everything_is_covered() -> None:
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(50, 1)
+    got = coreset.greedy_coreset_projected(x, 0.2, seed=0)
+    assert sorted(x[got.indices].tolist()) == [[0.0, 0.0], [1.0, 1.0]] and got.sq_radius == 0.0
+
+
+def test_sharded_coreset_covers_every_point_within_its_radius() -> None:
+    x = clustered(n_clusters=12, per_cluster=300, dim=10, seed=6).float()
+    m = coreset_size(len(x), 0.05)
+    got = coreset.sharded_coreset(x, 0.05, shards=4, seed=0)
+    assert len(got.indices) == m == len(set(got.indices.tolist()))
+    exact_radius = coverage_radius(x, got.indices)
+    assert exact_radius <= got.sq_radius**0.5 + 1e-4  # the reported radius bounds the true one
+    one = coreset.greedy_coreset_projected(x, 0.05, seed=0)
+    assert exact_radius <= 2.0 * one.sq_radius**0.5  # constant factor of the global greedy run
+    again = coreset.sharded_coreset(x, 0.05, shards=4, seed=0)
+    assert torch.equal(got.indices, again.indices)  # seeded
+
+
+def test_neighbour_distances_exclude_the_probed_image() -> None:
+    """Two images, identical but for a shift: each patch's nearest patch of the other image is the shift."""
+    a = torch.randn(64, 6, generator=torch.Generator().manual_seed(0)) * 10
+    x = torch.cat([a, a + 0.5])
+    d = coreset.neighbour_distances(x, rows_per_image=64, images=2, per_image=32, seed=0)
+    assert d.shape == (64,)
+    np.testing.assert_allclose(d, 0.5 * 6**0.5, rtol=1e-3)
+    assert coreset.neighbour_distances(a, rows_per_image=64).size == 0  # one image: no scale

@@ -357,8 +357,47 @@ def test_preprocess_resize_and_crop_shapes():
         Preprocess((16, 16), crop_size=(20, 8))
 
 
+def test_preprocess_aspect_keeps_the_ratio():
+    cookie = Preprocess((256, 256), "aspect")
+    assert cookie.output_hw is None
+    assert cookie.output_shape(768, 576) == (341, 256) and cookie.output_shape(576, 768) == (256, 341)
+    assert Preprocess((256, 300), "aspect").output_shape(768, 576) == (341, 256)  # min(image_size)
+    portrait = Preprocess((32, 32), "aspect").image(rgb(96, 72))  # 72 * 32 / 96 = 42.7 -> 43
+    assert portrait.shape == (3, 43, 32) and portrait.dtype == torch.float32
+    assert Preprocess((32, 40), "aspect").image(rgb(72, 96)).shape == (3, 32, 43)
+    cropped = Preprocess((32, 32), "aspect", crop_size=(32, 24))
+    assert cropped.output_hw == (32, 24) and cropped.image(rgb(96, 72)).shape == (3, 32, 24)
+    torch.testing.assert_close(cropped.image(rgb(96, 72)), portrait[:, 5:37, 4:28], rtol=0, atol=0)
+    same = rgb(32, 48)  # shorter side already at the size: untouched
+    assert torch.equal(Preprocess((32, 32), "aspect").image(same),
+                       torch.from_numpy(same).permute(2, 0, 1).float() / 255.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        Preprocess((32, 64), "aspect", crop_size=(40, 24))  # the shorter side may be 32
+
+
+def test_preprocess_none_keeps_the_native_size():
+    arr = rgb(30, 40)
+    native = Preprocess((16, 16), "none")
+    assert native.output_hw is None and native.output_shape(30, 40) == (30, 40)
+    assert torch.equal(native.image(arr), torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0)
+    crop = Preprocess((16, 16), "none", crop_size=(20, 30))
+    assert torch.equal(crop.image(arr), native.image(arr)[:, 5:25, 5:35])
+    with pytest.raises(ValueError, match="smaller than crop_size"):
+        crop.output_shape(18, 40)
+
+
+def test_native_image_smaller_than_the_crop_names_the_file(tmp_path):
+    root = make_line(tmp_path / "line")  # 24 x 32 images
+    split = scan_line(root)
+    with pytest.raises(DataError, match="smaller than crop_size") as info:
+        list(iter_batches(split.train, Preprocess((8, 8), "none", crop_size=(28, 28)), batch_size=2, workers=0))
+    assert info.value.path == split.train[0].path
+
+
 @pytest.mark.parametrize("pre", [Preprocess((32, 32)), Preprocess((32, 32), "shorter"),
-                                 Preprocess((40, 40), "shorter", crop_size=(32, 24))])
+                                 Preprocess((40, 40), "shorter", crop_size=(32, 24)),
+                                 Preprocess((32, 32), "aspect"), Preprocess((40, 48), "aspect", crop_size=(32, 24)),
+                                 Preprocess((32, 32), "none"), Preprocess((8, 8), "none", crop_size=(40, 64))])
 def test_preprocess_image_and_mask_share_geometry(pre):
     arr = np.zeros((60, 90, 3), np.uint8)
     mask = np.zeros((60, 90), bool)
@@ -386,6 +425,48 @@ def test_iter_batches_small_line_with_masks(tmp_path):
     for a, b in zip(batches, seq, strict=True):
         assert torch.equal(a.images, b.images) and np.array_equal(a.masks, b.masks) and a.samples == b.samples
     assert all(b.masks is None for b in iter_batches(split.test, pre, batch_size=2))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_mixed_sizes_raise_one_clear_error(tmp_path, workers, batch_size):
+    """aspect / none keep each file's own size: a line mixing camera sizes fails with a DataError naming the
+    file and both sizes (not torch.stack's error); resize, or a crop, makes one size again."""
+    root = make_line(tmp_path / "line", n_defect=1)  # 24 x 32 images
+    odd = save(rgb(40, 32, seed=9), root / "train" / "good" / "002.png")  # the 3rd train image, 40 x 32
+    split = scan_line(root)
+    with pytest.raises(DataError) as info:
+        list(iter_batches(split.train, Preprocess((16, 16), "aspect"), batch_size, workers=workers))
+    assert info.value.path == odd
+    message = str(info.value)
+    assert "preprocessed to 20x16" in message and "gives 16x21" in message and "000.png" in message
+    assert "data.resize: resize" in message and "crop_size" in message
+    for pre in (Preprocess((16, 16)), Preprocess((16, 16), "aspect", crop_size=(16, 16)),
+                Preprocess((16, 16), "none", crop_size=(24, 32))):
+        sizes = {tuple(b.images.shape[-2:]) for b in iter_batches(split.train, pre, batch_size, workers=workers)}
+        assert sizes == {pre.output_hw}
+
+
+def test_fit_line_on_mixed_sizes_names_the_file(tmp_path, tiny_config):
+    from components.training import fit_line
+
+    root = make_line(tmp_path / "line", n_defect=1)
+    odd = save(rgb(40, 32, seed=9), root / "train" / "good" / "001.png")
+    data = tiny_config.data.model_copy(update={"resize": "aspect", "calibration_fraction": 0.0})
+    cfg = tiny_config.model_copy(update={"data": data})  # all 3 images in the fit stream
+    with pytest.raises(DataError, match="data.resize: resize") as info:
+        fit_line(cfg, root)
+    assert info.value.path == odd
+
+
+def test_iter_batches_masks_follow_the_native_size(tmp_path):
+    root = make_line(tmp_path / "line", n_defect=2)
+    split = scan_line(root)
+    batch = next(iter_batches(split.test, Preprocess((8, 8), "none"), batch_size=3, with_masks=True))
+    assert batch.images.shape == (3, 3, 24, 32) and batch.masks.shape == (3, 24, 32)
+    assert [s.name for s in batch.samples] == ["anomaly-1", "anomaly-2", "000"]
+    assert batch.masks[0][:2].all() and batch.masks[1][:4].all() and not batch.masks[2].any()
+    assert batch.masks[0].sum() == 2 * 32 and batch.masks[1].sum() == 4 * 32
 
 
 def test_iter_batches_streams_and_stops_cleanly(tmp_path):
@@ -441,6 +522,13 @@ def test_real_pcb_few_batches():
         assert torch.equal(b.images[:, 0], b.images[:, 1])  # grayscale PCB replicated to 3 channels
     train = next(iter_batches(split.train, pre, batch_size=4))
     assert train.images.shape == (4, 3, 128, 128) and train.masks is None
+
+
+@pytest.mark.skipif(not (DATASETS / "cookie").is_dir(), reason="shared datasets not present")
+def test_real_cookie_aspect_keeps_the_shape():
+    defect = next(s for s in scan_line(DATASETS / "cookie").test if s.label == 1)
+    b = next(iter_batches([defect], Preprocess((256, 256), "aspect"), batch_size=1, with_masks=True))
+    assert b.images.shape == (1, 3, 341, 256) and b.masks.shape == (1, 341, 256) and b.masks.any()
 
 
 @pytest.mark.skipif(not (DATASETS / "cookie").is_dir(), reason="shared datasets not present")

@@ -99,10 +99,10 @@ def test_projection_stream_is_bitwise_the_in_memory_projection(dim: int, proj: i
     stream = coreset.ProjectionStream(dim, proj, seed=3, block=512)
     for part in x.split(101):
         stream.add(part)
-    xt = stream.finish()
+    xp = stream.finish()
     matrix = coreset.projection_matrix(dim, proj, 3)
     expected = torch.cat([b.float() if matrix is None else b.float() @ matrix for b in x.split(512)])
-    assert torch.equal(xt, expected.T)
+    assert torch.equal(xp, expected)
 
 
 def test_streamed_coreset_selects_the_same_indices(tmp_path: Path) -> None:
@@ -110,8 +110,8 @@ def test_streamed_coreset_selects_the_same_indices(tmp_path: Path) -> None:
     ref = coreset.select_coreset(x, 0.002, seed=2, projection_dim=16)
     with FeatureWriter(tmp_path / "f", 48) as writer:
         writer.append(x)
-    xt = project_store(FeatureStore(tmp_path / "f"), 16, 2)
-    got = coreset.greedy_coreset_projected(xt, 0.002, seed=2)
+    xp = project_store(FeatureStore(tmp_path / "f"), 16, 2)
+    got = coreset.greedy_coreset_projected(xp, 0.002, seed=2)
     assert torch.equal(got.indices, ref.indices) and got.sq_radius == ref.sq_radius
     assert torch.equal(ref.indices, coreset.greedy_coreset(x, 0.002, seed=2, projection_dim=16))
 
@@ -126,7 +126,7 @@ def test_collect_modes(tmp_path: Path, mode, threshold: int, on_disk: bool) -> N
         assert got.n_rows == 400
         idx = torch.tensor([3, 399, 17])
         assert torch.equal(got.gather(idx), x[idx].float())
-        assert torch.equal(got.projected(8, 0), coreset.random_projection(x, 8, 0).T)
+        assert torch.equal(got.projected(8, 0), coreset.random_projection(x, 8, 0))
     assert not (tmp_path / "ws").exists() or not any((tmp_path / "ws").iterdir())  # removed after use
 
 

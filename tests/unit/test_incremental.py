@@ -23,10 +23,9 @@ def test_extend_coreset_continues_the_greedy_selection() -> None:
     """Selecting M points on A, then extending over B with no radius limit and the same budget, picks
     exactly what one greedy run over A + B would pick after A's points when those come first."""
     x = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
-    xt = x.T.contiguous()
     bank = x[:5]
     to_bank = torch.cdist(x.double(), bank.double()).min(1).values.pow(2).float()
-    picked = coreset.extend_coreset(xt, to_bank, 20, sq_radius=0.0)
+    picked = coreset.extend_coreset(x, to_bank, 20, sq_radius=0.0)
     # reference: textbook loop starting from the bank
     ref, dist = [], to_bank.double().clone()
     for _ in range(20):
@@ -36,7 +35,7 @@ def test_extend_coreset_continues_the_greedy_selection() -> None:
     assert picked.indices.tolist() == ref
     assert picked.sq_radius == pytest.approx(float(dist.max()), rel=1e-4)
     # with the covering radius of the result, nothing more is added
-    again = coreset.extend_coreset(xt, torch.from_numpy(dist.float().numpy()), 20, sq_radius=float(dist.max()))
+    again = coreset.extend_coreset(x, torch.from_numpy(dist.float().numpy()), 20, sq_radius=float(dist.max()))
     assert len(again.indices) == 0
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from components import knn
 from components.knn import build_index, knn_distances, read_index, write_index
 
 
@@ -86,10 +87,10 @@ def test_ivfpq_needs_divisible_dims_and_a_few_entries() -> None:
     with pytest.raises(ValueError, match="too small"):
         build_index(blobs(1, dim=32), "ivfpq", pq_m=8)
     with pytest.raises(ValueError, match="unknown index kind"):
-        build_index(blobs(10), "hnsw")
+        build_index(blobs(10), "lsh")
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
 def test_write_read_round_trip(tmp_path: Path, kind: str) -> None:
     bank = blobs(600)
     queries = near(bank, 50, seed=4)
@@ -102,5 +103,63 @@ def test_write_read_round_trip(tmp_path: Path, kind: str) -> None:
     d2, i2 = knn_distances(again, queries, k=3)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(d1, d2)
-    if kind != "flat":
-        assert again.nprobe == index.nprobe
+    assert knn.index_kind(again) == kind and knn.get_breadth(again) == knn.get_breadth(index)
+
+
+# ------------------------------------------------------------------------------- HNSW and index choice
+def test_hnsw_is_deterministic_and_close_to_exact() -> None:
+    bank, queries = blobs(3000), near(blobs(3000), 300, seed=2)
+    a, b = build_index(bank, "hnsw", hnsw_m=8), build_index(bank, "hnsw", hnsw_m=8)
+    knn.set_breadth(a, 64)
+    knn.set_breadth(b, 64)
+    da, ia = knn_distances(a, queries)
+    db, ib = knn_distances(b, queries)
+    np.testing.assert_array_equal(ia, ib)  # built on one thread: same graph, same answers
+    ref, _ = brute_force(bank, queries, 1)
+    assert np.mean(np.abs(da - ref) <= 1e-3 * ref) > 0.98
+
+
+def test_auto_is_exact_for_small_banks_and_checks_hnsw_recall() -> None:
+    bank = blobs(3000)
+    probes = near(bank, 500, seed=5)
+    index, report = knn.choose_index(bank, "auto", probes, target_recall=0.9, flat_max_bank=5000)
+    assert knn.index_kind(index) == "flat" and report.kind == "flat" and report.recall == 1.0
+    index, report = knn.choose_index(bank, "auto", probes, target_recall=0.99, flat_max_bank=1000, hnsw_m=4)
+    assert knn.index_kind(index) == report.kind
+    if report.kind == "hnsw":  # the breadth was raised until the probes reached the target
+        assert report.recall >= 0.99 and knn.get_breadth(index) == report.breadth
+        assert report.breadth in knn.EF_SEARCH and report.probes == 500
+    else:
+        assert report.fallback  # no breadth reached it: exact search, and the report says why
+    # an independent check of the recorded recall
+    ref, _ = brute_force(bank, probes, 1)
+    got, _ = knn_distances(index, probes)
+    assert np.mean(got[:, 0] <= ref[:, 0] * (1 + 1e-3) + 1e-4) >= report.recall - 0.02
+
+
+def test_recall_check_raises_the_breadth_until_the_target() -> None:
+    bank = blobs(4000, dim=48, n_centers=200)
+    probes = near(bank, 400, scale=2.0, seed=6)
+    index = build_index(bank, "hnsw", hnsw_m=4)
+    breadth, figures = knn.recall_check(index, bank, probes, target=0.999)
+    low = build_index(bank, "hnsw", hnsw_m=4)
+    knn.set_breadth(low, knn.EF_SEARCH[0])
+    _, low_figures = knn.recall_check(low, bank, probes, target=0.0)  # stops at the first breadth
+    assert breadth >= knn.EF_SEARCH[0] and figures["recall"] >= low_figures["recall"]
+    assert 0.0 <= figures["mean_rel_error"] <= low_figures["mean_rel_error"] + 1e-9
+
+
+def test_auto_falls_back_to_exact_when_no_breadth_reaches_the_target(monkeypatch) -> None:
+    monkeypatch.setattr(knn, "EF_SEARCH", (1,))
+    bank = blobs(3000, dim=48, n_centers=300)
+    probes = near(bank, 300, scale=3.0, seed=7)
+    index, report = knn.choose_index(bank, "auto", probes, target_recall=1.0, flat_max_bank=10, hnsw_m=4)
+    assert knn.index_kind(index) == "flat" and report.kind == "flat" and "recall" in report.fallback
+    # asked for explicitly, HNSW is kept (and the report shows the recall it reached)
+    index, report = knn.choose_index(bank, "hnsw", probes, target_recall=1.0, hnsw_m=4)
+    assert knn.index_kind(index) == "hnsw" and report.recall < 1.0 and not report.fallback
+
+
+def test_without_probes_the_report_says_unchecked() -> None:
+    index, report = knn.choose_index(blobs(2000), "hnsw", None)
+    assert knn.index_kind(index) == "hnsw" and np.isnan(report.recall) and report.probes == 0

@@ -199,9 +199,9 @@ def test_float16_features(tiny_config: Config, textures) -> None:
     np.testing.assert_allclose(det.score(test).image_scores, ref.score(test).image_scores, rtol=0.05)
 
 
-@pytest.mark.parametrize("index", ["ivf", "ivfpq"])
+@pytest.mark.parametrize("index", ["ivf", "ivfpq", "hnsw"])
 def test_approximate_indexes_round_trip(index: str, tiny_config: Config, textures, tmp_path: Path) -> None:
-    cfg = with_params(tiny_config, index=index, ivf_lists=4, pq_subquantizers=8)
+    cfg = with_params(tiny_config, index=index, ivf_lists=4, pq_subquantizers=8, hnsw_m=8)
     det = PatchCore(cfg).fit(textures(TRAIN_SEEDS))
     good = det.score(textures(range(100, 104)))
     bad = det.score(textures(range(200, 204), defect=True))
@@ -210,6 +210,41 @@ def test_approximate_indexes_round_trip(index: str, tiny_config: Config, texture
     assert (path / "index.faiss").is_file()
     again = load_detector(path)
     np.testing.assert_array_equal(again.score(textures(range(100, 104))).image_scores, good.image_scores)
+    assert again.index_report_ == det.index_report_ and again.index_report_.kind == index
+
+
+def test_auto_index_is_recall_checked_and_recorded(tiny_config: Config, textures, tmp_path: Path) -> None:
+    """Above flat_max_bank entries `auto` builds HNSW, checks its recall on good patches outside the bank
+    and records the check; its scores stay close to exact search."""
+    exact = PatchCore(with_params(tiny_config, index="flat")).fit(textures(TRAIN_SEEDS))
+    det = PatchCore(with_params(tiny_config, index="auto", flat_max_bank=100, index_recall=0.97)).fit(
+        textures(TRAIN_SEEDS))
+    report = det.index_report_
+    assert report.kind in ("hnsw", "flat") and report.probes > 0 and report.target_recall == 0.97
+    if report.kind == "hnsw":
+        assert report.recall >= 0.97
+    assert det.fit_stats_["index_recall"] == report.recall
+    assert det.fit_stats_["index_exact"] == float(report.kind == "flat")
+    test = textures([600, 601, 602])
+    got, ref = det.score(test).anomaly_maps, exact.score(test).anomaly_maps
+    rel = np.abs(got - ref) / np.maximum(ref, 1e-6)
+    assert float(np.mean(rel > 0.02)) < 0.01 and float(rel.max()) < 0.2  # approximate, not arbitrary
+    meta = json.loads((det.save(tmp_path / "m") / "metadata.json").read_text())
+    assert meta["index"]["kind"] == report.kind and meta["index"]["recall"] == report.recall
+    small = PatchCore(tiny_config).fit(textures(TRAIN_SEEDS))  # 512 entries <= flat_max_bank 1024: exact
+    assert small.index_report_.kind == "flat" and not (small.save(tmp_path / "s") / "index.faiss").exists()
+
+
+def test_radius_rule_keeps_a_smaller_bank_and_records_it(tiny_config: Config, textures) -> None:
+    full = PatchCore(with_params(tiny_config, coreset_ratio=0.5)).fit(textures(TRAIN_SEEDS))
+    auto = PatchCore(with_params(tiny_config, coreset_ratio=0.5, coreset_radius="auto",
+                                 coreset_radius_quantile=1.0)).fit(textures(TRAIN_SEEDS))
+    stats = auto.fit_stats_
+    assert 0 < stats["coreset_radius_target"] and stats["neighbour_probes"] > 0
+    assert len(auto.memory_bank_) < len(full.memory_bank_)
+    assert stats["coreset_sq_radius"] <= stats["coreset_radius_target"] ** 2 * (1 + 1e-5)
+    # the bank is a prefix of the ratio-only greedy order: same rows, first
+    np.testing.assert_array_equal(auto.memory_bank_, full.memory_bank_[: len(auto.memory_bank_)])
 
 
 def test_metadata_and_feature_key(tiny_config: Config, textures, tmp_path: Path) -> None:

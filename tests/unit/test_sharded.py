@@ -49,3 +49,46 @@ def test_two_dask_workers_give_the_single_process_bank(tiny_config: Config, make
     np.testing.assert_array_equal(det.memory_bank_, single.memory_bank_)
     assert det.grid_ == single.grid_
     assert not any((tmp_path / "work").iterdir())
+
+
+def _with_shards(cfg: Config, shards: int) -> Config:
+    pc = cfg.detector.patchcore.model_copy(update={"coreset_shards": shards, "coreset_ratio": 0.05})
+    return cfg.model_copy(update={"detector": cfg.detector.model_copy(update={"patchcore": pc})})
+
+
+def test_sharded_coreset_cells_run_through_the_given_map(tiny_config: Config, textures, tmp_path: Path) -> None:
+    """fit_store(map_fn=...) runs the coreset's cells through that map (what flows.sharded hands a Dask
+    client's map): same bank as the builtin map."""
+    from components.patchcore.features import FeatureStore, FeatureWriter
+
+    cfg = _with_shards(tiny_config, 3)
+    ref = PatchCore(cfg)
+    rows = ref.extract(textures(range(6)))
+    with FeatureWriter(tmp_path / "f", rows.shape[1], "float32", {"grid": "16,16"}) as writer:
+        writer.append(rows)
+    calls: list[int] = []
+
+    def counting_map(fn, jobs):
+        jobs = list(jobs)
+        calls.append(len(jobs))
+        return map(fn, jobs)
+
+    det = PatchCore(cfg).fit_store(FeatureStore(tmp_path / "f"), map_fn=counting_map)
+    plain = PatchCore(cfg).fit_store(FeatureStore(tmp_path / "f"))
+    assert calls and calls[0] == 3
+    assert det.fit_stats_["coreset_shards"] == 3.0
+    np.testing.assert_array_equal(det.memory_bank_, plain.memory_bank_)
+
+
+@pytest.mark.slow
+def test_sharded_coreset_on_dask_workers(tiny_config: Config, make_line, tmp_path: Path) -> None:
+    from dask.distributed import Client, LocalCluster
+
+    cfg = _with_shards(tiny_config, 2)
+    line = make_line(tmp_path / "line", n_train=8, n_good_test=0, n_defect=0)
+    samples = list(scan_line(line, require_test=False).train)
+    single = PatchCore(cfg).fit(image_stream(samples, cfg.data))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      local_directory=str(tmp_path / "dask")) as cluster, Client(cluster) as client:
+        det = fit_sharded(cfg, [s.path for s in samples], n_workers=2, work_dir=tmp_path / "work", client=client)
+    np.testing.assert_array_equal(det.memory_bank_, single.memory_bank_)
