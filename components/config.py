@@ -92,6 +92,17 @@ class PromotionConfig(Section):
     min_aupro: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
+class ExportConfig(Section):
+    """`defectops export` and the retrain flow's parity gate (components/export.py, docs/export.md)."""
+
+    enabled: bool = True  # retrain: export the candidate, check parity, register the export when it passes
+    formats: tuple[Literal["onnx", "openvino"], ...] = ("onnx", "openvino")  # openvino: skipped if missing
+    score_rtol: Annotated[float, Field(ge=0.0)] = 1e-4  # every image score within this relative difference
+    min_decision_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0  # fraction of equal decisions
+    map_rtol: Annotated[float, Field(ge=0.0)] | None = 1e-3  # max map difference / map peak; null: not gated
+    search_block: PositiveInt = 2048  # bank entries per block of the exported exact nearest-bank search
+
+
 class ServicesConfig(Section):
     root: Path = Path(".defectops")
     host: Literal["127.0.0.1"] = "127.0.0.1"
@@ -100,16 +111,69 @@ class ServicesConfig(Section):
     prefect_port: Annotated[int, Field(gt=0, lt=65536)] = 4200
     bucket: str = "defectops"
     start_timeout_s: Annotated[float, Field(gt=0)] = 90.0
+    schedules: bool = False  # `defectops up` also starts the cron deployments' runner (`serve --detach`)
+
+
+class ServiceConfig(Section):
+    """The inference service (`defectops api`, flows/service/): see docs/serving.md."""
+
+    host: str = "127.0.0.1"  # bind address; 127.0.0.1 unless configured
+    port: Annotated[int, Field(gt=0, lt=65536)] = 8000
+    autostart: bool = True  # `defectops up` starts it with the other services
+    lines: tuple[str, ...] | None = None  # lines served (None: every line of `lines`)
+    preload_challenger: bool = False  # else @challenger is loaded on its first request
+    poll_s: Annotated[float, Field(gt=0)] = 10.0  # how often the registry aliases are checked
+    batch_window_ms: Annotated[float, Field(ge=0)] = 2.0
+    max_batch: PositiveInt = 32
+    max_request_bytes: PositiveInt = 64 * 2**20
+    max_images_per_request: PositiveInt = 64
+    max_image_pixels: PositiveInt = 40_000_000
+    keep_images: Literal["none", "anomalous", "all"] = "all"  # kept for review under services.root
+
+    @field_validator("host")
+    @classmethod
+    def _ip(cls, host: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address (e.g. 127.0.0.1, or 0.0.0.0 for all)") from None
+        return host
+
+
+def _check_timezone(name: str) -> str:
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {name!r}: use an IANA name such as UTC or Europe/Berlin") from None
+    return name
+
+
+class ScheduledInferenceConfig(Section):
+    """`defectops serve`: a deployment scoring `images` with the line's @champion on `cron` (flows/schedules.py)."""
+
+    cron: str
+    images: list[Path] = Field(min_length=1)  # files or folders, relative to params.yaml; all scored each run
 
 
 class LineConfig(Section):
     data: Path
     cron: str = "0 3 * * *"
+    timezone: str = "UTC"  # IANA timezone of `cron` and `inference.cron` (daylight saving time followed)
+    inference: ScheduledInferenceConfig | None = None  # scheduled batch inference, none by default
     max_train_images: PositiveInt | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
     # Serve this line from another registered model's @champion (a unified model trained on several lines,
     # e.g. `defectops-unified-plant`) instead of its own `defectops-<line>`; None: its own model.
     serve_from: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, name: str) -> str:
+        return _check_timezone(name)
 
 
 class Config(Section):
@@ -119,7 +183,9 @@ class Config(Section):
     threshold: ThresholdConfig = ThresholdConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     promotion: PromotionConfig = PromotionConfig()
+    export: ExportConfig = ExportConfig()
     services: ServicesConfig = ServicesConfig()
+    service: ServiceConfig = ServiceConfig()
     lines: dict[str, LineConfig] = Field(default_factory=dict)
 
     @field_validator("lines")
@@ -134,8 +200,9 @@ class Config(Section):
         return self.model_dump(mode="json")
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of everything that shapes a model (services and lines excluded)."""
-        payload = self.model_dump(mode="json", exclude={"services", "lines"})
+        """sha256 of the canonical JSON of everything that shapes a model (services, service, export and
+        lines excluded)."""
+        payload = self.model_dump(mode="json", exclude={"services", "service", "export", "lines"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def for_line(self, line: str) -> Config:
@@ -230,8 +297,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def _resolve_line_paths(cfg: Config, base: Path) -> Config:
     if not cfg.lines:
         return cfg
-    lines = {
-        name: line.model_copy(update={"data": line.data if line.data.is_absolute() else (base / line.data)})
-        for name, line in cfg.lines.items()
-    }
+    def resolve(path: Path) -> Path:
+        return path if path.is_absolute() else base / path
+
+    lines = {}
+    for name, line in cfg.lines.items():
+        update: dict[str, Any] = {"data": resolve(line.data)}
+        if line.inference is not None:
+            update["inference"] = line.inference.model_copy(
+                update={"images": [resolve(p) for p in line.inference.images]})
+        lines[name] = line.model_copy(update=update)
     return cfg.model_copy(update={"lines": lines})

@@ -257,8 +257,11 @@ def sharded_coreset(xp: torch.Tensor, ratio: float, shards: int, seed: int = 0,
     k-means (seeded, on a sample) cuts the points into `shards` cells; the greedy rule runs in each cell
     independently (`shard_greedy`, through `map_fn`: the builtin map, or a Dask client's map); the picks
     of all cells are merged by their insertion distance, which is exactly what one greedy run would do if
-    no cell's picks covered another cell's points. A cell is re-run to a lower floor while its next pick
-    would still be among the M farthest. Covering radius: each point is covered within its own cell, so the
+    no cell's picks covered another cell's points. Cells differ in density by orders of magnitude, so no
+    per-cell share is right: every cell first makes a quarter of its proportional share, then all continue
+    down to a common floor that is lowered in stages towards the M-th insertion distance (`_next_floor`),
+    which keeps the picks made below it (wasted work) to a few per cent. Cost: N x (N / shards) x ratio
+    x d, linear in N at a fixed cell size. Covering radius: each point is covered within its own cell, so the
     result's radius is at most the largest cell radius; near cell borders a global greedy run needs fewer
     picks, so the radius is somewhat larger than the global run's at the same M (measured in
     bench/coreset.py)."""
@@ -268,20 +271,24 @@ def sharded_coreset(xp: torch.Tensor, ratio: float, shards: int, seed: int = 0,
     cells = spatial_cells(xs, min(shards, m), seed)
     members = [np.flatnonzero(cells == c) for c in range(int(cells.max()) + 1)]
     members = [ids for ids in members if len(ids)]
-    budgets = [int(np.ceil(m * len(ids) / n * 1.25)) + 1 for ids in members]
-    jobs = [(xs[ids], budget, -1.0, seed + c) for c, (ids, budget) in enumerate(zip(members, budgets, strict=True))]
-    runs = list(map_fn(_shard_job, jobs))
+    run_cells = _cell_runner(xs, members, seed, map_fn)
+    # a first quarter of each cell's proportional share, then all cells down to a common floor, lowered in
+    # stages towards the floor at which M picks lie above it (extrapolated from the merged picks so far):
+    # approaching it from above keeps picks made below the final threshold (wasted work) few, whatever
+    # the cells' densities
+    runs = run_cells([(c, max(2, int(np.ceil(m * len(ids) / n / 4))), -1.0) for c, ids in enumerate(members)])
     while True:
         insertion = np.concatenate([r[1] for r in runs])
-        tau = float(np.partition(insertion, len(insertion) - m)[len(insertion) - m]) if len(insertion) >= m else 0.0
-        again = [c for c, r in enumerate(runs) if r[2] > tau and len(r[0]) < len(members[c])]
-        if not again:
+        top = max(r[2] for r in runs)  # no point any cell has not picked lies farther than this
+        known = np.sort(insertion[insertion > top])[::-1]  # picks certainly in global greedy order
+        if len(known) >= m or top <= 0.0:
             break
-        redo = list(map_fn(_shard_job, [(xs[members[c]], len(members[c]), tau, seed + c) for c in again]))
-        for c, r in zip(again, redo, strict=True):
+        floor = _next_floor(known, top, m)
+        again = [c for c, r in enumerate(runs) if r[2] > floor and len(r[0]) < len(members[c])]
+        for c, r in zip(again, run_cells([(c, len(members[c]), floor) for c in again]), strict=True):
             runs[c] = r
         if progress is not None:
-            progress(sum(len(r[0]) for r in runs), m)
+            progress(min(m, int((np.concatenate([r[1] for r in runs]) > floor).sum())), m)
     insertion = np.concatenate([r[1] for r in runs])
     owner = np.concatenate([np.full(len(r[0]), c) for c, r in enumerate(runs)])
     picked = np.concatenate([members[c][r[0]] for c, r in enumerate(runs)])
@@ -292,6 +299,45 @@ def sharded_coreset(xp: torch.Tensor, ratio: float, shards: int, seed: int = 0,
     radius = max(float(r[1][kept[c]]) if kept[c] < len(r[1]) else r[2] for c, r in enumerate(runs))
     return Coreset(torch.from_numpy(picked[order].astype(np.int64)), radius,
                    torch.from_numpy(insertion[order].astype(np.float32)))
+
+
+def _next_floor(known: np.ndarray, top: float, m: int) -> float:
+    """Squared distance at which the merged greedy picks should number m, from the picks known so far
+    (`known`, descending, all above `top`): the count of picks above a floor grows like a power of it;
+    its exponent from the last halving of the count. Aims 1 % past m, so that the last stages do not
+    creep up on it; between a quarter of `top` and just under it."""
+    g, m = len(known), m * 1.01
+    half = float(known[g // 2]) if g >= 16 else np.inf
+    if np.isfinite(half) and half > top * (1 + 1e-6):
+        floor = top * (g / m) ** (np.log(half / top) / np.log(2.0))
+    else:
+        floor = top * 0.5
+    return float(min(max(floor, top * 0.25), top * (1 - 1e-6)))
+
+
+def _cell_runner(xs: np.ndarray, members: list[np.ndarray], seed: int, map_fn: Callable) -> Callable:
+    """-> run(requests [(cell, max_picks, floor_sq)]) -> [(indices, insertion, next)] per request. In this
+    process (map_fn is the builtin map) each cell's greedy state is kept, so a cell asked for more picks
+    continues; through another map (Dask) a cell is re-run from its seeded start, which gives the same
+    picks (the rule is deterministic), so only paths and small arrays need to travel back."""
+    if map_fn is not map:
+        return lambda requests: list(map_fn(_shard_job, [(xs[members[c]], k, floor, seed + c)
+                                                         for c, k, floor in requests]))
+    states: dict[int, GreedyState] = {}
+
+    def run(requests: list[tuple[int, int, float]]) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        out = []
+        for c, max_picks, floor in requests:
+            if c not in states:
+                states[c] = GreedyState(torch.from_numpy(np.ascontiguousarray(xs[members[c]])))
+                start = torch.randint(len(members[c]), (1,), generator=torch.Generator().manual_seed(seed + c))
+                states[c].add_first(int(start))
+            states[c].run(max_picks, floor)
+            result = states[c].result()
+            out.append((result.indices.numpy(), result.insertion.numpy(), result.sq_radius))
+        return out
+
+    return run
 
 
 def shard_greedy(xp: np.ndarray, max_picks: int, floor_sq: float, seed: int) -> tuple[np.ndarray, np.ndarray, float]:

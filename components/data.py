@@ -14,6 +14,7 @@ Pillow and converted to RGB uint8 (H, W, 3); bad files raise `DataError` naming 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import re
 import struct
@@ -50,6 +51,10 @@ class DataError(ValueError):
         self.reason = reason
 
 
+class ImageTooLargeError(DataError):
+    """An image whose declared width x height exceeds the pixel limit (found before decoding)."""
+
+
 # ----------------------------------------------------------------------------------------------- decoding
 
 def _is_image_file(path: Path) -> bool:
@@ -66,18 +71,23 @@ def _open_decoded(path: Path, max_pixels: int) -> Image.Image:
         raise DataError(path, "not a regular file")
     if size == 0:
         raise DataError(path, "file is empty (0 bytes)")
+    return _decode(path, path, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, path: Path, max_pixels: int) -> Image.Image:
+    """Open `source` (a file, or bytes named `path` in errors) as _open_decoded does after its file checks."""
     try:
-        with Image.open(path, formats=_PIL_FORMATS) as im:
+        with Image.open(source, formats=_PIL_FORMATS) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise DataError(path, f"declared size {w}x{h} exceeds the limit of {max_pixels} pixels")
+                raise ImageTooLargeError(path, f"declared size {w}x{h} exceeds the limit of {max_pixels} pixels")
             im.load()  # decodes everything: a truncated file raises here (LOAD_TRUNCATED_IMAGES stays off)
             ImageOps.exif_transpose(im, in_place=True)
             return im
     except DataError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS)
-        raise DataError(path, f"declared size exceeds the limit of {max_pixels} pixels ({exc})") from None
+        raise ImageTooLargeError(path, f"declared size exceeds the limit of {max_pixels} pixels ({exc})") from None
     except Image.UnidentifiedImageError:
         raise DataError(path, f"not a readable image (formats tried: {', '.join(_PIL_FORMATS)})") from None
     except PermissionError as exc:
@@ -139,6 +149,21 @@ def load_image(path: str | Path, max_pixels: int = 100_000_000) -> np.ndarray:
     """
     path = Path(path)
     im = _open_decoded(path, max_pixels)
+    arr = _to_rgb_array(im, path)
+    im.close()
+    return arr
+
+
+def decode_image(data: bytes, name: str | Path, max_pixels: int = 100_000_000) -> np.ndarray:
+    """Decode image bytes (an upload) to RGB uint8 (H, W, 3) exactly as `load_image` decodes a file.
+
+    `name` stands for the bytes in errors: DataError(name, reason) for empty, truncated, unreadable or
+    non-image bytes, or a declared size over `max_pixels` (checked before decoding).
+    """
+    path = Path(str(name))
+    if not data:
+        raise DataError(path, "empty (0 bytes)")
+    im = _decode(io.BytesIO(data), path, max_pixels)
     arr = _to_rgb_array(im, path)
     im.close()
     return arr

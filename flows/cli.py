@@ -153,6 +153,60 @@ def update(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="n
                   f"{before} -> {len(det.memory_bank_)} entries in {record['seconds']:.1f} s; saved to {out}")
 
 
+@app.command()
+def export(model: ModelOpt, out: Annotated[Path, typer.Option("--out", help="export folder to write")],
+           format_: Annotated[list[str] | None, typer.Option("--format", help="onnx (always written) and/or "
+                                                             "openvino; default: export.formats of the model")] = None,
+           data: Annotated[Path | None, typer.Option("--data", help="check parity on DATA/test (MVTec layout)")] = None,
+           image_size: Annotated[str | None, typer.Option("--image-size", help="fixed input H,W (default: the "
+                                                          "model's image size)")] = None) -> None:
+    """Export a saved model's whole scoring path as ONNX (onnxruntime) and OpenVINO IR. With --data, score
+    DATA/test with the native model (exact search) and each export, print the largest differences and exit 1
+    when they exceed the model's export tolerances. docs/export.md."""
+    from components.export import export_model, openvino_missing
+
+    det = load_detector(model)
+    formats = list(format_ or det.cfg.export.formats)
+    if not format_ and "openvino" in formats and (why := openvino_missing()):
+        formats.remove("openvino")
+        err_console.print(f"openvino skipped: {why}", highlight=False)
+    hw = tuple(int(v) for v in image_size.split(",")) if image_size else None
+    if hw is not None and len(hw) != 2:
+        raise ValueError(f"--image-size {image_size!r}: expected H,W")
+    export_model(det, out, formats, hw, det.cfg.export.search_block, source_dir=model)
+    console.print(f"exported {det.name} ({', '.join(dict.fromkeys(['onnx', *formats]))}) to {out}")
+    if data is not None and not _export_parity(det, out, data):
+        raise typer.Exit(1)
+
+
+def _export_parity(det, out: Path, data: Path) -> bool:
+    """Print the parity table of the export at `out` on DATA/test; True when within tolerance."""
+    import torch
+
+    from components.data import iter_batches, scan_line
+    from components.export import ExportedModel, ParityTolerance, parity, parity_reference
+    from components.training import preprocess_for
+
+    e, d = det.cfg.export, det.cfg.data
+    exported = {fmt: ExportedModel.load(out, fmt, torch.get_num_threads())
+                for fmt in ExportedModel.formats_in(out)}
+    batches = (b.images for b in iter_batches(scan_line(data).test, preprocess_for(d), d.batch_size,
+                                              max_pixels=d.max_image_pixels))
+    report = parity(parity_reference(det), exported, batches, det.threshold_,
+                    ParityTolerance(e.score_rtol, e.min_decision_agreement, e.map_rtol), det)
+    table = Table(title=f"parity on {data}/test: export vs native (exact search) [vs native as configured]")
+    for col in ("format", "images", "score max rel diff", "map max rel diff", "decisions equal"):
+        table.add_column(col, overflow="fold")
+    for fmt, f in report.formats.items():
+        v = report.versus_native_default.get(fmt, {})
+        table.add_row(fmt, f"{f['n_images']:.0f}", f"{f['score_max_rel_diff']:.2e} [{v.get('score_max_rel_diff', 0):.2e}]",
+                      f"{f['map_max_rel_diff']:.2e} [{v.get('map_max_rel_diff', 0):.2e}]",
+                      f"{100 * f['decision_agreement']:.1f} % [{100 * v.get('decision_agreement', 0):.1f} %]")
+    console.print(table)
+    console.print("parity: " + ("PASSED" if report.passed else "FAILED: " + "; ".join(report.reasons)))
+    return report.passed
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -170,8 +224,10 @@ def _register_pipeline_commands() -> None:
     import importlib
     import importlib.util
 
-    if not _pipeline_registered and importlib.util.find_spec("flows.ops_cli") is not None:
-        importlib.import_module("flows.ops_cli").register(app)
+    if not _pipeline_registered:
+        for module in ("flows.ops_cli", "flows.service.cli"):
+            if importlib.util.find_spec(module) is not None:
+                importlib.import_module(module).register(app)
     _pipeline_registered = True
 
 

@@ -110,8 +110,19 @@ def lineage(model_name: str, ref: str, store: ObjectStore) -> dict[str, Any]:
         "metrics": {k: (None if v != v else v) for k, v in sorted(metrics_from_tags(tags).items())},
         "promotion": {"decision": tags.get("promotion.decision"), "time": tags.get("promotion.time"),
                       "champion_before": tags.get("promotion.champion_before"), "reasons": reasons},
+        "export": _export_info(tags, store),
         "missing_tags": missing,
     }
+
+
+def _export_info(tags: dict[str, str], store: ObjectStore) -> dict[str, Any]:
+    """The version's ONNX / OpenVINO export (docs/export.md): status, formats, reason; re-verified like the
+    bank when one is registered."""
+    out: dict[str, Any] = {"status": tags.get("export.status"), "formats": tags.get("export.formats"),
+                           "reason": tags.get("export.reason"), "uri": None, "verified": None}
+    if tags.get("export.uri") and tags.get("export.sha256"):
+        out.update(verify_bank(store, tags["export.uri"], tags["export.sha256"]))
+    return out
 
 
 def _bank_line(bank: dict[str, Any]) -> str:
@@ -148,6 +159,12 @@ def render(info: dict[str, Any]) -> str:
                 + (f" at {promo['time']}" if promo["time"] else "")
                 + (f" (champion before: {promo['champion_before']})" if promo.get("champion_before") else ""))
     rows += [f"                   - {reason}" for reason in promo["reasons"]]
+    export = info.get("export") or {}
+    rows.append(f"  export         {export.get('status') or 'none'}  {export.get('formats') or ''}".rstrip())
+    if export.get("uri"):
+        rows += [f"                 {export['uri']}", f"                 {_bank_line(export)}"]
+    if export.get("reason"):
+        rows.append(f"                 {export['reason']}")
     rows.append(f"  params         hash {info['params_hash'] or dash}, {len(info['params'])} logged")
     rows += [f"                   {k} = {v}" for k, v in info["params"].items()]
     if info["missing_tags"]:

@@ -275,13 +275,27 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
         """Start the local object store, MLflow server and Prefect server (reusing healthy ones)."""
         from infra.services import start
 
-        cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))
+        params = config or (Path("params.yaml") if Path("params.yaml").is_file() else None)
+        cfg = load_config(params)
         with clear_errors():
             state = start(services_config(cfg))
         for name, seconds in state.startup_s.items():
             console.print(f"{name} started in {seconds:.1f} s")
         for key, value in _ui(state).items():
             console.print(f"{key:18} {value}", highlight=False)
+        from flows.schedule_cli import start_configured
+
+        with clear_errors():
+            start_configured(cfg, params)  # the cron deployments, when services.schedules is true
+        if cfg.service.autostart:  # the inference service and operator page (flows/service/)
+            from infra.api_service import start_api
+            from infra.services import env_for_clients
+
+            with clear_errors():
+                api = start_api(services_config(cfg), params, env_for_clients(state), host=cfg.service.host,
+                                port=cfg.service.port)
+            console.print(f"{'inference service':18} {api.url}/ (operator page; API in docs/serving.md)",
+                          highlight=False)
 
     @app.command()
     def down(config: ConfigOpt = None) -> None:
@@ -300,7 +314,12 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
         table = Table(title=f"services under {cfg.services.root.resolve()}")
         for col in ("service", "pid", "alive", "healthy", "url"):
             table.add_column(col)
-        for st in service_status(services_config(cfg)):
+        from infra.api_service import api_status
+        from infra.scheduler import schedules_status
+
+        api = api_status(cfg.services.root)  # the inference service, when `up` started one
+        runner = schedules_status(cfg.services.root)  # the cron deployments' runner, when one was started
+        for st in [*service_status(services_config(cfg)), *([api] if api else []), *([runner] if runner else [])]:
             table.add_row(st.name, str(st.pid or "-"), str(st.alive), str(st.healthy), st.url)
         console.print(table)
 
@@ -356,18 +375,9 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
         if json_out:
             json_out.write_text(json.dumps(result, indent=2))
 
-    @app.command()
-    def serve(config: ConfigOpt = None,
-              line: Annotated[list[str] | None, typer.Option("--line", help="only these lines")] = None) -> None:
-        """Register one cron deployment per line on the Prefect server and run them (Ctrl-C stops)."""
-        path = _params_path(config)
-        cfg = load_config(path)
-        with clear_errors(), client_session(cfg):
-            if not os.environ.get("PREFECT_API_URL"):
-                raise ServicesDown("serve needs a Prefect server: run `defectops up` or set PREFECT_API_URL")
-            from flows.schedules import serve as serve_deployments
+    from flows.schedule_cli import register as register_schedules
 
-            serve_deployments(path, list(line or []) or None)
+    register_schedules(app)  # `serve`: in the foreground, or --detach as a managed service
 
     @app.command()
     def lineage(ref: Annotated[str, typer.Argument(help="MODEL@ALIAS or MODEL/VERSION, e.g. defectops-cookie@champion")],

@@ -29,7 +29,7 @@ from components.data import scan_line, split_calibration
 from components.detector import create_detector, load_detector
 from components.evaluation import evaluate_split
 from components.training import calibrate_detector, fit_options, image_stream
-from flows import faults, promote, tracking, versioning
+from flows import export_gate, faults, promote, tracking, versioning
 from flows.feature_cache import cached_features_sha256, feature_cache_key, write_cached_features
 from flows.storage import (
     AccessDeniedError,
@@ -315,8 +315,12 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
         faults.reached("upload.done")
         step = "evaluate"
         metrics = evaluate_model(run_id, model["model_dir"], data["path"], cfg_dict, str(work / "evaluation"))
+        step = "export"
+        exported = export_gate.export_candidate(run_id, model["model_dir"], data["path"], cfg_dict,
+                                                str(work / "export"), product_line)
         step = "register"
-        version = register(run_id, name, bank, endpoint, _version_tags(cfg, info, data, model, metrics, product_line))
+        version = register(run_id, name, bank, endpoint,
+                           {**_version_tags(cfg, info, data, model, metrics, product_line), **exported["tags"]})
         step = "promote"
         decision = gate(name, version, metrics, data["eval_data_hash"], cfg_dict, data["path"], str(work))
         tracking.log_metrics(run_id, {"retrain_s": time.perf_counter() - t_start})
@@ -331,7 +335,7 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
             "champion": tracking.version_for_alias(name, promote.CHAMPION), **info,
             "dvc_data_hash": data["dvc_md5"], "dvc_remote_path": data["remote_path"],
             "eval_data_hash": data["eval_data_hash"], "bank_uri": bank["uri"], "bank_sha256": bank["sha256"],
-            "feature_cache_hit": features["cache_hit"], "metrics": metrics, "seconds": time.perf_counter() - t_start}
+            "feature_cache_hit": features["cache_hit"], "metrics": metrics, "export": exported, "seconds": time.perf_counter() - t_start}
 
 
 # ------------------------------------------------------------------------------------------------ fan-out

@@ -35,7 +35,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from components.config import flatten
 from components.detector import Detector
@@ -47,13 +47,18 @@ from flows.storage import StoredObject
 logger = logging.getLogger(__name__)
 
 PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+# Logged with the model (MLflow `code_paths`), so it loads and serves where defectops is not installed.
+MODEL_CODE_PATHS = (Path(__file__).resolve().parents[1] / "components", Path(__file__).resolve().parent)
 MODEL_ARTIFACT = "model"
 DEFAULT_ROOT = Path(".defectops")
 REQUIRED_VERSION_TAGS = ("git_commit", "git_dirty", "dvc_data_hash", "dvc_remote_path", "params_hash",
                          "weights_sha256", "eval_data_hash", "product_line", "method",
                          "metrics.image_auroc", "metrics.aupro", "metrics.ms_per_image")
-_PIP_PACKAGES = ("mlflow", "torch", "timm", "faiss-cpu", "safetensors", "numpy", "scipy", "pandas", "pillow",
-                 "pydantic", "pyyaml", "boto3")
+# Pinned to this environment's versions (torch==2.13.0, which pip here resolves to the local CPU wheel;
+# fastapi and sqlalchemy within constraints.txt's caps), so `mlflow models serve` with the default
+# virtualenv manager rebuilds what was tested (docs/serving-mlflow.md).
+_PIP_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "faiss-cpu", "safetensors", "numpy", "scipy",
+                 "pandas", "pillow", "pydantic", "pyyaml", "boto3", "fastapi", "sqlalchemy")
 _SECRET_KEY = re.compile(r"(^|[_-])(secret|password|passwd|credentials?)([_-]|$)|(^|[_-])token$"
                          r"|(access|api|secret)[_-]?key", re.I)  # credential-shaped names, not `cnn_token_level`
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "DEFECTOPS_S3_ACCESS_KEY",
@@ -71,10 +76,14 @@ _CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
 _lock = threading.Lock()
 _state: dict[str, Any] = {"uri": None, "client": None, "root": DEFAULT_ROOT}
 
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "image_path")]),
-    outputs=Schema([ColSpec("string", "image_path"), ColSpec("double", "score"),
-                    ColSpec("string", "decision", required=False), ColSpec("double", "threshold")]))
+SIGNATURE = ModelSignature(  # flows/pyfunc_model.py: one of image (bytes; base64 in JSON) / image_path per row
+    inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "image_path", required=False),
+                   ColSpec("string", "line", required=False)]),
+    outputs=Schema([ColSpec("string", "image_path", required=False), ColSpec("string", "image_sha256"),
+                    ColSpec("double", "score"), ColSpec("double", "normalised_score"),
+                    ColSpec("string", "decision", required=False), ColSpec("double", "threshold"),
+                    ColSpec("string", "heatmap", required=False)]),
+    params=ParamSchema([ParamSpec("heatmap", "boolean", False)]))
 
 
 class CredentialLeakError(ValueError):
@@ -266,8 +275,8 @@ def pip_requirements() -> list[str]:
     for name in _PIP_PACKAGES:
         try:
             out.append(f"{name}=={metadata.version(name).split('+')[0]}")
-        except metadata.PackageNotFoundError:
-            out.append(name)
+        except metadata.PackageNotFoundError:  # never an unpinned requirement (torch would pull CUDA)
+            raise RuntimeError(f"cannot pin the model's requirement {name!r}: it is not installed here") from None
     return out
 
 
@@ -286,20 +295,24 @@ def _resumed(run_id: str):
 
 def register_version(run_id: str, model_name: str, bank: StoredObject, endpoint: str,
                      tags: Mapping[str, Any]) -> str:
-    """Log the pyfunc model (models from code, flows/pyfunc_model.py) in `run_id` with model_config
-    {bank_uri, bank_sha256, endpoint}, register it as a new version of `model_name`, tag it; return the
-    version. `tags` may nest (`{"metrics": {...}}` -> `metrics.image_auroc`); REQUIRED_VERSION_TAGS must
-    be present. bank_uri / bank_sha256 are added from `bank`."""
-    version_tags = _checked({**tags, "bank_uri": bank.uri, "bank_sha256": bank.sha256}, "version tags")
+    """Log the pyfunc model (models from code, flows/pyfunc_model.py, with MODEL_CODE_PATHS and pinned
+    pip_requirements) in `run_id` with model_config {bank_uri, bank_sha256}, register it as a new version of
+    `model_name`, tag it; return the version. `tags` may nest (`{"metrics": {...}}` ->
+    `metrics.image_auroc`); REQUIRED_VERSION_TAGS must be present. bank_uri / bank_sha256 are added from
+    `bank`, and `endpoint` (where the bank was stored) as the tag `bank_endpoint`, for lineage only: the
+    model reads its endpoint from the loading environment (DEFECTOPS_S3_ENDPOINT), so it is not in the
+    model."""
+    version_tags = _checked({**tags, "bank_uri": bank.uri, "bank_sha256": bank.sha256, "bank_endpoint": endpoint},
+                            "version tags")
     missing = [key for key in REQUIRED_VERSION_TAGS if key not in version_tags]
     if missing:
         raise ValueError(f"register_version({model_name}): tags lack {missing} (needed for lineage and the gate)")
-    config = {"bank_uri": bank.uri, "bank_sha256": bank.sha256, "endpoint": endpoint}
+    config = {"bank_uri": bank.uri, "bank_sha256": bank.sha256}
     _checked(config, "model config")
     with _resumed(run_id):
         info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, python_model=str(PYFUNC_MODEL_CODE),
                                        model_config=config, pip_requirements=pip_requirements(),
-                                       signature=SIGNATURE)
+                                       code_paths=[str(p) for p in MODEL_CODE_PATHS], signature=SIGNATURE)
     faults.reached("register")
     mv = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
     logger.info("registered %s version %s (bank %s)", model_name, mv.version, bank.uri)

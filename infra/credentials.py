@@ -42,6 +42,33 @@ def load_or_create(root: Path, access_key: str = "", secret_key: str = "") -> Cr
     return creds
 
 
+SERVICE_TOKEN_ENV = "DEFECTOPS_SERVICE_TOKEN"
+SERVICE_TOKEN_FILE = "service-token.json"
+
+
+def service_token(root: Path, env: dict[str, str] | None = None) -> str:
+    """The bearer token the inference service requires for changes (feedback, review, reload, export):
+    ``DEFECTOPS_SERVICE_TOKEN`` when set, else ``ROOT/service-token.json`` (0600), generated on first use."""
+    given = (os.environ if env is None else env).get(SERVICE_TOKEN_ENV, "")
+    if given:
+        if len(given) < 16:
+            raise ValueError(f"{SERVICE_TOKEN_ENV} is too short: use at least 16 characters")
+        return given
+    path = root / SERVICE_TOKEN_FILE
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        try:
+            return str(json.loads(path.read_text())["token"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}: not a token file with 'token'; fix or delete it (a new one is then "
+                             "generated)") from None
+    token = secrets.token_urlsafe(24)
+    write_private_json(path, {"token": token})
+    logger.info("generated the service token in %s (mode 0600)", path)
+    return token
+
+
 def _read(path: Path) -> Credentials:
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)

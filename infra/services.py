@@ -200,9 +200,12 @@ def _prefect_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> Servic
     home = root / PREFECT
     argv = (_executable("prefect", "prefect"), "server", "start", "--host", cfg.host,
             "--port", str(cfg.prefect_port))
-    env = _base_env(root, PREFECT)
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     url = f"{_url(cfg, cfg.prefect_port)}/api"
+    env = _base_env(root, PREFECT)
+    # The UI reads its API address from /ui-settings, which otherwise says http://127.0.0.1:4200/api
+    # whatever --port is: on any other port the UI would talk to nothing (or to another server).
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=url,
+               PREFECT_SERVER_API_HOST=cfg.host, PREFECT_SERVER_API_PORT=str(cfg.prefect_port))
     return ServiceSpec(PREFECT, argv, cfg.prefect_port, url, f"{url}/health", root / "logs" / "prefect.log",
                        home, env)
 
@@ -372,8 +375,17 @@ def stop(cfg: ServicesConfig) -> list[str]:
     if not root.is_dir():
         return []
     with pidfile.locked(root):
+        first = []
+        if PREFECT in cfg.services:  # the schedule runner goes before the server it polls (bounded wait)
+            from infra.scheduler import SCHEDULES, stop_schedules
+
+            first = [SCHEDULES] if stop_schedules(root) else []
+        if {SEAWEEDFS, MLFLOW} & set(cfg.services):  # the inference service reads both: it goes first
+            from infra.api_service import API, stop_api
+
+            first += [API] if stop_api(root) else []
         records = pidfile.read_records(root)
-        return _stop_records(root, {n: records[n] for n in cfg.services if n in records})
+        return first + _stop_records(root, {n: records[n] for n in cfg.services if n in records})
 
 
 def status(cfg: ServicesConfig) -> list[ServiceStatus]:

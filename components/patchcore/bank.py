@@ -22,7 +22,7 @@ from components.patchcore.config import PatchCoreConfig
 
 logger = logging.getLogger(__name__)
 
-SHARD_ROWS = 1_000_000  # coreset_shards "auto": one spatial shard per this many patches
+SHARD_ROWS = 250_000  # coreset_shards "auto": one spatial shard per this many patches (bench/coreset.py)
 RECALL_PROBES = 8192  # good patches outside the bank offered to the index's recall check (it keeps the
 # quarter farthest from the bank, knn.hardest)
 

@@ -32,7 +32,7 @@ class PatchCoreConfig(BaseModel):
     coreset_ratio: Fraction = 0.1
     coreset_radius: Annotated[float, Field(gt=0.0)] | Literal["auto"] | None = None
     coreset_radius_quantile: Fraction = 0.5  # "auto": this quantile of good-to-good neighbour distances
-    coreset_shards: PositiveInt | Literal["auto"] = 1  # >1: composable coreset over spatial shards
+    coreset_shards: PositiveInt | Literal["auto"] = "auto"  # >1: composable coreset over spatial shards
     projection_dim: Annotated[int, Field(ge=0)] = 128
     seed: int = 0
     # search: auto = exact below flat_max_bank entries, else HNSW with efSearch set by a recall check at fit
@@ -77,6 +77,6 @@ class PatchCoreConfig(BaseModel):
 
     @model_validator(mode="after")
     def _coreset_rule(self) -> PatchCoreConfig:
-        if self.coreset_radius is not None and self.coreset_shards != 1:
-            raise ValueError("coreset_radius needs coreset_shards: 1 (a radius stop is global)")
+        if self.coreset_radius is not None and self.coreset_shards not in (1, "auto"):
+            raise ValueError("coreset_radius needs coreset_shards: 1 or auto (a radius stop is one global run)")
         return self

@@ -278,6 +278,9 @@ class PatchCore(BaseDetector):
             # graph / cell search only overestimates: each image's hottest patches are searched again,
             # wider, so that one stuck search cannot make the image score (knn.refine_top)
             knn.refine_top(self.index_, flat.reshape(b, h * w, d), dist, nn_idx, self.params.refine_top)
+        if knn.index_kind(self.index_) != "flat":
+            # and the image's maximum (s*, and its m*) exactly as exact search gives it (knn.exact_maximum)
+            knn.exact_maximum(np.ascontiguousarray(self.memory_bank_, dtype=np.float32), flat.reshape(b, h * w, d), dist, nn_idx)
         patch = torch.from_numpy(dist.reshape(b, h, w).copy())
         image_scores = self._image_scores(flat.reshape(b, h * w, d), dist, nn_idx)
         amap = maps.to_input_resolution(patch, tuple(batch.shape[-2:]), self.params.smoothing_sigma)
@@ -296,10 +299,9 @@ class PatchCore(BaseDetector):
             return s_star
         k = min(self.params.num_neighbors, len(self.memory_bank_))
         m_star = self.memory_bank_[nn_idx[np.arange(len(dist)), worst]]
-        _, support = knn.knn_distances(self.index_, m_star, k=k)
-        # approximate (IVF) indexes return -1 where the probed lists hold fewer than k entries: the first
-        # neighbour of m* is m* itself, so pad with it (a weight of 1 / k for each missing neighbour)
-        support = np.where(support < 0, support[:, :1], support)
+        # exact, whatever the index: one query per image; an approximate index would return a different
+        # support set (or, at an HNSW breadth below k, fewer than k entries) and so a different weight
+        support = knn.exact_neighbours(self.memory_bank_, m_star, k)
         test_patch = emb[np.arange(len(dist)), worst]
         support_dist = np.linalg.norm(self.memory_bank_[support] - test_patch[:, None, :], axis=-1)
         weights = 1.0 - torch.softmax(torch.from_numpy(support_dist), dim=1)[:, 0].numpy()

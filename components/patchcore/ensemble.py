@@ -25,9 +25,9 @@ member whose features separate a defect better still contributes the larger exce
 
 Costs: `fit` buffers the training batches once (ImageInput may be a one-shot iterator, and every member
 needs the same images): all training images are held in RAM as float tensors (N * 3 * H * W * 4 bytes).
-For its scale, each member extracts the training images' patch embeddings once more besides its own fit
-(held in RAM, N * h * w * D values, then freed before the member's fit). Scoring costs the sum of the
-members' costs.
+Each member extracts the training images' patch embeddings once (held in RAM, N * h * w * D values), takes
+its scale from them and fits its bank from the same embeddings (`PatchCore.fit_features`), then frees
+them. Scoring costs the sum of the members' costs.
 
 Saved as one model directory: the members' files under `member<i>.` prefixes (each member's own
 manifest.json among them, so its loader re-checks them too), metadata.json recording each member's backbone,

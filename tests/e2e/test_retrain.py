@@ -3,7 +3,9 @@ started by the test session: a first version becomes champion, a worse configura
 reasons recorded, a better one takes @champion; the stored bank, the DVC data and the lineage are checked
 against the object store, the .dvc file and git.
 
-- test_retrain_gate_demo: the demo line (64 px, 6 train images): runs by default.
+- test_retrain_gate_demo: the demo line (64 px, 6 train images): runs by default. Each version's export
+  (ONNX + OpenVINO IR) is registered when it scores like the native model; the second run's zero tolerances
+  make the parity gate refuse it, with the reason on the version.
 - test_retrain_gate_cookie: ../shared/datasets/cookie (128 px, 10 train images): marked slow.
 - test_retrain_all_fans_out: retrain_all on a 2-process Dask cluster, one line broken: marked slow.
 - test_demo_command: `defectops demo --stop` as a user runs it (its own services): marked slow.
@@ -21,10 +23,12 @@ import time
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 import yaml
 
 from components.detector import load_detector
+from components.export import ExportedModel
 from flows import tracking
 from flows.cli import main
 from flows.inference import inference
@@ -78,6 +82,7 @@ def _check_lineage(services, params: Path, line: str, root: Path, commit: str, c
     assert info["code"]["git_commit"] == commit
     assert info["bank"]["verified"] is True and info["bank"]["files"] and all(info["bank"]["files"].values())
     assert info["promotion"]["decision"] == "promoted" and not info["missing_tags"]
+    assert info["export"]["status"] == "registered" and info["export"]["verified"] is True
     capsys.readouterr()
     exported = tmp / "lineage.json"
     assert main(["lineage", f"{name}@champion", "--config", str(params), "--json", str(exported)]) == 0
@@ -124,14 +129,45 @@ def test_retrain_gate_demo(services, tmp_path, capsys):
     params = write_params(tmp_path / "params.yaml", root,
                           {line: {"data": small_demo_line(tmp_path / "line"), "max_train_images": 6}})
     with session(params, env_for_clients(services)):
-        first, second, third = _run_gate_sequence(line, params, ["detector.patchcore.coreset_ratio=0.01"],
-                                                  ["detector.patchcore.coreset_ratio=0.25"])
+        # zero export tolerances on the second run: float rounding alone (onnxruntime's kernels are not
+        # torch's) makes its export differ, so the parity gate refuses it
+        first, second, third = _run_gate_sequence(
+            line, params, ["detector.patchcore.coreset_ratio=0.01", "export.score_rtol=0", "export.map_rtol=0"],
+            ["detector.patchcore.coreset_ratio=0.25"])
+        _check_export(services, first, tmp_path)
+        _check_export(services, third, tmp_path)
+        _check_export_refused(second)
         assert not first["feature_cache_hit"] and second["feature_cache_hit"] and third["feature_cache_hit"]
         assert first["dvc_data_hash"] == second["dvc_data_hash"] == third["dvc_data_hash"]
         assert first["bank_sha256"] != third["bank_sha256"]
         _check_stored_objects(services, third, root, line, tmp_path)
         _check_lineage(services, params, line, root, git_head(PROJECT), "3", tmp_path, capsys)
         _check_inference(services, params, line, tmp_path / "line" / "test", tmp_path)
+
+
+def _check_export(services, result: dict, tmp: Path) -> None:
+    """A registered export: the version's tags point at it, every stored file re-hashes, the downloaded
+    folder loads (sha256 checked) and scores; the parity figures are on the run."""
+    tags = tracking.get_version(result["model_name"], result["version"])["tags"]
+    assert result["export"]["status"] == tags["export.status"] == "registered", result["export"]
+    assert "openvino" in tags["export.formats"] or "openvino skipped" in tags.get("export.reason", "")
+    assert all(_store(services).verify_dir(tags["export.uri"], tags["export.sha256"]).values())
+    out = _store(services).get_dir(tags["export.uri"], tmp / f"export-v{result['version']}", tags["export.sha256"])
+    for fmt in tags["export.formats"].split(","):
+        model = ExportedModel.load(out, fmt)
+        assert model.score(np.zeros((2, 3, *model.input_hw), np.float32)).anomaly_maps.shape == (2, *model.input_hw)
+    metrics = tracking.get_run(result["run_id"])["metrics"]
+    assert metrics["export.passed"] == 1.0 and metrics["export.onnx.decision_agreement"] == 1.0
+    assert metrics["export.onnx.score_max_rel_diff"] <= 1e-4 and metrics["export.onnx.n_images"] > 0
+
+
+def _check_export_refused(result: dict) -> None:
+    """Refused by the parity gate: no export on the version, the reason on the version and the run."""
+    tags = tracking.get_version(result["model_name"], result["version"])["tags"]
+    assert result["export"]["status"] == tags["export.status"] == "refused" and "export.uri" not in tags
+    assert "differ by up to" in tags["export.reason"], tags["export.reason"]
+    run = tracking.get_run(result["run_id"])
+    assert run["tags"]["export.reason"] == tags["export.reason"] and run["metrics"]["export.passed"] == 0.0
 
 
 def _check_inference(services, params: Path, line: str, images: Path, tmp: Path) -> None:
@@ -164,6 +200,7 @@ def test_retrain_gate_cookie(services, tmp_path, capsys, monkeypatch):
         first, second, third = _run_gate_sequence(line, params, ["backbone.weights=random"],
                                                   ["detector.patchcore.smoothing_sigma=2.0"])
         assert first["git_commit"] == commit
+        _check_export(services, first, tmp_path)  # real data: the parity gate passes
         assert second["bank_sha256"] != first["bank_sha256"] != third["bank_sha256"]
         assert first["dvc_data_hash"] == third["dvc_data_hash"]
         _check_stored_objects(services, first, root, line, tmp_path)

@@ -140,6 +140,9 @@ def test_all_three_services_start_healthy_and_stop(isolated_services, tmp_path, 
         assert resp.read().strip() == b"OK"
     with urllib.request.urlopen(f"{state.prefect_api_url}/health", timeout=5) as resp:
         assert json.loads(resp.read()) is True
+    # The UI finds the API on this (random) port, not on Prefect's default 4200.
+    with urllib.request.urlopen(f"{state.prefect_api_url.removesuffix('/api')}/ui-settings", timeout=5) as resp:
+        assert json.loads(resp.read())["api_url"] == state.prefect_api_url
 
     # MLflow's proxied artifacts land in the bucket on SeaweedFS.
     import mlflow

@@ -2,7 +2,7 @@
 
 Each test records what it tried through the `record` fixture (kind, case, objects lost and corrupted,
 counted before its assertions); the outcome comes from pytest. With DEFECTOPS_RELIABILITY_JSON=PATH set, the
-session writes every record there, and `python -m tests.reliability.table PATH` prints the README table.
+session writes every record there, and `python -m tests.reliability.table PATH` prints the table in docs/reliability.md.
 
 The services fixtures (services, isolated_services, ...) come from tests/service_fixtures.py.
 """

@@ -1,4 +1,4 @@
-"""The README's reliability table from the JSON a reliability run writes.
+"""The reliability table of docs/reliability.md from the JSON a reliability run writes.
 
     DEFECTOPS_RELIABILITY_JSON=reliability.json .venv/bin/pytest -q -m '' tests/reliability
     .venv/bin/python -m tests.reliability.table reliability.json          # markdown table (several: merged)

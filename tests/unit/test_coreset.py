@@ -187,3 +187,34 @@ def test_neighbour_distances_exclude_the_probed_image() -> None:
     assert d.shape == (64,)
     np.testing.assert_allclose(d, 0.5 * 6**0.5, rtol=1e-3)
     assert coreset.neighbour_distances(a, rows_per_image=64).size == 0  # one image: no scale
+
+
+def test_sharded_coreset_reaches_the_merge_of_full_cell_runs_without_much_waste(monkeypatch) -> None:
+    """Cells of very different density: the staged floors must give the same picks as running every cell
+    to the end and merging by insertion distance, while picking few points below the final threshold."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(3000, 6, generator=gen) * 0.2, torch.randn(600, 6, generator=gen) * 3 + 20,
+                   torch.randn(1200, 6, generator=gen) + torch.tensor([0.0, 40, 0, 0, 0, 0])])
+    picked = []
+    real_run = coreset.GreedyState.run
+
+    def counting_run(self, max_picks, stop_sq=-1.0, *args, **kwargs):
+        before = len(self.selected)
+        real_run(self, max_picks, stop_sq, *args, **kwargs)
+        picked.append(len(self.selected) - before)
+
+    monkeypatch.setattr(coreset.GreedyState, "run", counting_run)
+    got = coreset.sharded_coreset(x, 0.05, shards=3, seed=0)
+    m = coreset_size(len(x), 0.05)
+    assert len(got.indices) == m
+    assert sum(picked) <= 1.25 * m  # first points count as picks too (one per cell)
+    monkeypatch.setattr(coreset.GreedyState, "run", real_run)
+    # reference: each cell run to the end, merged by insertion distance
+    cells = coreset.spatial_cells(x.numpy(), 3, 0)
+    merged = []
+    for c in range(3):
+        ids = np.flatnonzero(cells == c)
+        idx, ins, _ = coreset.shard_greedy(np.ascontiguousarray(x.numpy()[ids]), len(ids), -1.0, 0 + c)
+        merged += list(zip(ins.tolist(), ids[idx].tolist(), strict=True))
+    merged.sort(key=lambda t: -t[0])
+    assert sorted(got.indices.tolist()) == sorted(i for _, i in merged[:m])

@@ -163,3 +163,25 @@ def test_auto_falls_back_to_exact_when_no_breadth_reaches_the_target(monkeypatch
 def test_without_probes_the_report_says_unchecked() -> None:
     index, report = knn.choose_index(blobs(2000), "hnsw", None)
     assert knn.index_kind(index) == "hnsw" and np.isnan(report.recall) and report.probes == 0
+
+
+def test_exact_maximum_makes_every_images_maximum_exact() -> None:
+    """Distances from a stalled search (overestimates on some patches, as a bad HNSW graph gives): after
+    exact_maximum each image's maximum and its patch's entry equal brute force's, and the other
+    overestimates it did not need are left alone."""
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(300, 8)).astype(np.float32)
+    queries = rng.normal(size=(4, 50, 8)).astype(np.float32)
+    sq, nn = knn.build_index(bank, "flat").search(queries.reshape(-1, 8), 1)
+    exact = np.sqrt(np.maximum(sq[:, 0], 0)).reshape(4, 50)
+    dist, idx = exact.copy(), nn[:, 0].reshape(4, 50).copy()
+    stalled = rng.random((4, 50)) < 0.3  # 30 % of patches overestimated, by up to 5x
+    dist[stalled] *= 1 + 4 * rng.random(stalled.sum())
+    idx[stalled] = (idx[stalled] + 1) % 300
+    before = dist.copy()
+    searched = knn.exact_maximum(bank, queries, dist, idx)
+    rows = np.arange(4)
+    np.testing.assert_allclose(dist.max(1), exact.max(1), rtol=1e-5)
+    assert np.array_equal(idx[rows, dist.argmax(1)], nn[:, 0].reshape(4, 50)[rows, exact.argmax(1)])
+    assert (dist >= exact - 1e-5).all() and searched < stalled.sum() + 4 * 8
+    assert (dist != before).sum() <= searched

@@ -1,0 +1,143 @@
+"""Micro-batching: images of concurrent requests share one forward pass.
+
+`submit(served, image)` queues one decoded image (H, W, 3) uint8 and returns an asyncio future. One loop
+takes the first waiting image, waits up to `window_s` for more (up to `max_batch`), groups them by model
+version and preprocessed size, and on a single scoring thread preprocesses each group (resize and crop, as
+the model was trained) and scores it with one `detector.score` call. One thread: the detector's own torch
+and faiss threads use the cores, and torch work from several threads at once would only oversubscribe them
+(decoding, which does not use torch, runs in a thread pool beside it).
+While a batch is scored, new images queue up and form the next batch, so under load batches fill up
+without waiting, and a lone request waits at most `window_s`.
+
+    batcher = MicroBatcher(max_batch=32, window_s=0.002)
+    score, amap, scored = await batcher.submit(served, image)   # amap (h, w), scored (3, h, w) as scored
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flows.service.models import Served
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    served: Served
+    image: np.ndarray  # (H, W, 3) uint8, decoded
+    future: asyncio.Future
+
+    @property
+    def group(self) -> tuple:
+        return (*self.served.key, self.served.preprocess.output_shape(*self.image.shape[:2]))
+
+
+class MicroBatcher:
+    """See the module docstring. `on_batch(size)` is called after each forward pass (metrics)."""
+
+    def __init__(self, max_batch: int = 32, window_s: float = 0.002,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        if max_batch < 1 or window_s < 0:
+            raise ValueError(f"max_batch must be >= 1 and window_s >= 0, got {max_batch}, {window_s}")
+        self.max_batch, self.window_s, self.on_batch = max_batch, window_s, on_batch
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="defectops-score")
+
+    def submit(self, served: Served, image: np.ndarray) -> asyncio.Future:
+        """Queue one decoded image (H, W, 3) uint8; the future resolves to (image score, anomaly map (h, w),
+        the preprocessed image (3, h, w) that was scored)."""
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = loop.create_task(self._run(), name="defectops-batcher")
+        future = loop.create_future()
+        self._queue.put_nowait(_Item(served, image, future))
+        return future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _collect(self) -> list[_Item]:
+        queue = self._queue
+        batch = [await queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.window_s
+        while len(batch) < self.max_batch:
+            if not queue.empty():
+                batch.append(queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = [item for item in await self._collect() if not item.future.done()]  # drop cancelled
+            try:
+                await self._score_groups(batch)
+            except Exception as exc:  # noqa: BLE001 - the requests get the error, the loop goes on
+                logger.exception("scoring a batch of %d failed", len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    async def _score_groups(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        groups: dict[tuple, list[_Item]] = {}
+        for item in batch:
+            groups.setdefault(item.group, []).append(item)
+        for items in groups.values():
+            try:
+                scores, maps, images = await loop.run_in_executor(self._executor, _score, items)
+            except Exception as exc:  # noqa: BLE001 - this group's requests get the error, the others go on
+                logger.exception("scoring %d images failed", len(items))
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            for i, item in enumerate(items):
+                if not item.future.done():
+                    item.future.set_result((float(scores[i]), maps[i], images[i]))
+            if self.on_batch is not None:
+                self.on_batch(len(items))
+
+
+def _score(items: list[_Item]) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Preprocess and score images of one model version and size in one forward pass -> (scores (B,),
+    maps (B, h, w), images (B, 3, h, w))."""
+    pre = items[0].served.preprocess
+    images = torch.stack([pre.image(item.image) for item in items])
+    scores, maps, start = [], [], 0
+    for size in chunk_sizes(len(items)):  # a few batch shapes only: PatchCore's frozen graph is built per shape
+        out = items[0].served.detector.score(images[start:start + size])
+        scores.append(out.image_scores)
+        maps.append(out.anomaly_maps)
+        start += size
+    return np.concatenate(scores), np.concatenate(maps), images
+
+
+def chunk_sizes(n: int) -> list[int]:
+    """n as powers of two, largest first (13 -> [8, 4, 1]): forward passes then come in at most
+    log2(max_batch) + 1 shapes, each warmed up at load (models.warm_up), instead of one new shape (a graph
+    build of about 2 s for PatchCore's frozen backbone) per batch size seen."""
+    return [1 << bit for bit in range(n.bit_length() - 1, -1, -1) if n >> bit & 1]
