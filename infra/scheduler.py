@@ -20,27 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from infra import pidfile, process
+from infra.background import defectops_argv, recorded_status, stop_recorded, wait_healthy
 from infra.services import ServicesConfig, ServiceStartError, ServiceStatus
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = "schedules"
 STOP_TIMEOUT_S = 20.0
-
-
-def _defectops_argv() -> list[str]:
-    local = Path(sys.executable).parent / "defectops"
-    if local.exists():
-        return [str(local)]
-    found = shutil.which("defectops")
-    return [found] if found else [sys.executable, "-c", "from flows.cli import main; raise SystemExit(main())"]
 
 
 def start_schedules(cfg: ServicesConfig, params: Path, lines: Sequence[str] = (), *,
@@ -64,7 +54,7 @@ def start_schedules(cfg: ServicesConfig, params: Path, lines: Sequence[str] = ()
             tmp.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1", "PREFECT_RUNNER_SERVER_ENABLE": "true",
                    "PREFECT_RUNNER_SERVER_HOST": cfg.host, "PREFECT_RUNNER_SERVER_PORT": str(port)}
-            argv = [*_defectops_argv(), "serve", "--config", str(params)]
+            argv = [*defectops_argv(), "serve", "--config", str(params)]
             argv += [arg for line in wanted["lines"] for arg in ("--line", line)]
             proc = process.launch(argv, env=env, cwd=Path.cwd(), log_file=log)
             url = f"http://{cfg.host}:{port}"
@@ -73,41 +63,16 @@ def start_schedules(cfg: ServicesConfig, params: Path, lines: Sequence[str] = ()
             pidfile.write_records(root, records)
             logger.info("%s: started pid %d, log %s", SCHEDULES, proc.pid, log)
     # Not under the lock: the runner itself reads the services' records (flows.ops_cli.client_env).
-    deadline = time.monotonic() + (cfg.start_timeout_s if timeout_s is None else timeout_s)
-    while not process.http_ok(rec["health_url"]):
-        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
-            stop_schedules(root)
-            reason = "exited" if proc is not None and proc.poll() is not None else "was not healthy in time"
-            raise ServiceStartError(f"{SCHEDULES} {reason} (log: {rec['log']}). Last log lines:\n"
-                                    f"{process.log_tail(Path(rec['log']))}")
-        time.sleep(0.5)
-    return ServiceStatus(SCHEDULES, rec["pid"], True, True, rec["url"])
+    return wait_healthy(SCHEDULES, rec, proc, cfg.start_timeout_s if timeout_s is None else timeout_s, 0.5,
+                        lambda: stop_schedules(root))
 
 
 def stop_schedules(root: Path, term_timeout_s: float = STOP_TIMEOUT_S) -> bool:
     """SIGTERM the runner's process group (it pauses its schedules and exits), SIGKILL after
     `term_timeout_s`; drop its record. True when something was running. Caller may hold the root lock."""
-    root = Path(root).resolve()
-    records = pidfile.read_records(root)
-    rec = records.pop(SCHEDULES, None)
-    if rec is None:
-        return False
-    was_running = pidfile.running(rec)
-    if was_running or process.start_time(rec["pid"]) is None:  # leader gone: its flow-run children may remain
-        t0 = time.monotonic()
-        outcome = process.stop_group(rec["pid"], term_timeout_s=term_timeout_s)
-        logger.info("%s: %s after %.1f s", SCHEDULES, outcome, time.monotonic() - t0)
-        if outcome == "killed":
-            logger.warning("%s: pid %d ignored SIGTERM for %.0f s and was killed", SCHEDULES, rec["pid"],
-                           term_timeout_s)
-    pidfile.write_records(root, records)
-    return was_running
+    return stop_recorded(root, SCHEDULES, term_timeout_s)
 
 
 def schedules_status(root: Path) -> ServiceStatus | None:
     """The runner's status when this root has a record of one (else None)."""
-    rec = pidfile.read_records(Path(root).resolve()).get(SCHEDULES)
-    if rec is None:
-        return None
-    alive = pidfile.running(rec)
-    return ServiceStatus(SCHEDULES, rec["pid"], alive, alive and process.http_ok(rec["health_url"]), rec["url"])
+    return recorded_status(root, SCHEDULES)
