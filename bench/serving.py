@@ -12,8 +12,9 @@ settings) and saved once to --model-dir (reused when it is already there). Then,
   decision; the decision is recorded in SQLite and the image kept, as in production defaults); latency is
   the client's round trip.
 
-Decoding is timed on both sides: the service must decode too. Clients run in this process (asyncio + httpx)
-on the same machine, so they take CPU from the server: the service rows are a lower bound.
+Decoding is timed on both sides: the service must decode too. Clients run in this process (one thread and
+one keep-alive http.client connection each) on the same machine, so they take CPU from the server: the
+service rows are a lower bound.
 
     .venv/bin/python bench/serving.py                                  # cookie, 192 requests per row
     .venv/bin/python bench/serving.py --requests 64 --clients 1 4      # quicker
@@ -23,7 +24,6 @@ on the same machine, so they take CPU from the server: the service rows are a lo
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -88,28 +88,52 @@ def in_process(model: Path, images: list[bytes], n: int, batch: int) -> dict:
     return {"mode": "in-process", "concurrency": f"batch {batch}", **stats(latencies, done, time.perf_counter() - t0)}
 
 
-async def _clients(url: str, images: list[bytes], n: int, clients: int) -> tuple[list[float], float]:
-    import httpx
+def _clients(port: int, path: str, images: list[bytes], n: int, clients: int) -> tuple[list[float], float]:
+    """`clients` threads, each with one keep-alive connection (the standard library's http.client: the
+    leanest client at hand, so that the rows measure the service rather than the client), posting one
+    raw image/png per request and waiting for the answer."""
+    import http.client
+    import itertools
+    import threading
 
     latencies: list[float] = []
+    lock = threading.Lock()
 
-    async def client(http: httpx.AsyncClient, todo) -> None:
-        for i in todo:
-            t = time.perf_counter()
-            r = await http.post(url, content=images[i % len(images)], headers={"content-type": "image/png"})
-            latencies.append(time.perf_counter() - t)
-            if r.status_code != 200:
-                raise RuntimeError(f"service answered {r.status_code}: {r.text[:200]}")
+    def client(todo) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                t = time.perf_counter()
+                conn.request("POST", path, body=images[i % len(images)], headers={"content-type": "image/png"})
+                response = conn.getresponse()
+                body = response.read()
+                elapsed = time.perf_counter() - t
+                if response.status != 200:
+                    raise RuntimeError(f"service answered {response.status}: {body[:200]!r}")
+                with lock:
+                    latencies.append(elapsed)
+        finally:
+            conn.close()
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        warm = iter(range(2 * clients))  # untimed: connections opened, the first batches formed
-        await asyncio.gather(*(client(http, warm) for _ in range(clients)))
-        latencies.clear()
-        todo = iter(range(n))
+    def run(todo) -> float:
+        threads = [threading.Thread(target=client, args=(todo,)) for _ in range(clients)]
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(http, todo) for _ in range(clients)))
-        return latencies, time.perf_counter() - t0
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - t0
+
+    run(iter(range(2 * clients)))  # untimed: connections opened, the first batches formed
+    latencies.clear()
+    wall = run(itertools.islice(itertools.count(), n))
+    if len(latencies) != n:
+        raise RuntimeError(f"{n - len(latencies)} of {n} requests failed (see the service log)")
+    return latencies, wall
 
 
 def start_service(model: Path, params: Path, workdir: Path, line: str, port: int) -> subprocess.Popen:
@@ -151,9 +175,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         proc = start_service(model, args.params, Path(tmp), "line", args.port)
         try:
-            url = f"http://127.0.0.1:{args.port}/v1/lines/line/score"
             for c in args.clients:
-                latencies, wall = asyncio.run(_clients(url, images, args.requests, c))
+                latencies, wall = _clients(args.port, "/v1/lines/line/score", images, args.requests, c)
                 rows.append({"mode": "service", "concurrency": f"{c} client{'s' if c > 1 else ''}",
                              **stats(latencies, len(latencies), wall)})
         finally:

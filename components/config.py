@@ -123,7 +123,7 @@ class ServiceConfig(Section):
     lines: tuple[str, ...] | None = None  # lines served (None: every line of `lines`)
     preload_challenger: bool = False  # else @challenger is loaded on its first request
     poll_s: Annotated[float, Field(gt=0)] = 10.0  # how often the registry aliases are checked
-    batch_window_ms: Annotated[float, Field(ge=0)] = 2.0
+    batch_window_ms: Annotated[float, Field(ge=0)] = 0.0
     max_batch: PositiveInt = 32
     max_request_bytes: PositiveInt = 64 * 2**20
     max_images_per_request: PositiveInt = 64

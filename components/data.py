@@ -169,6 +169,37 @@ def decode_image(data: bytes, name: str | Path, max_pixels: int = 100_000_000) -
     return arr
 
 
+def image_shape(data: bytes, name: str | Path, max_pixels: int = 100_000_000) -> tuple[int, int]:
+    """(H, W) that `decode_image` will return for these bytes, read from the header without decoding the
+    pixels (EXIF orientation applied where it precedes the pixels; a PNG's eXIf chunk after them is only
+    seen by decode_image). DataError(name, reason) for empty or non-image bytes, or a declared size over
+    `max_pixels`; a body truncated after the header is only found by `decode_image`."""
+    path = Path(str(name))
+    if not data:
+        raise DataError(path, "empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageTooLargeError(path, f"declared size {w}x{h} exceeds the limit of {max_pixels} pixels")
+            if im.format == "PNG":  # Pillow's PNG getexif() decodes the pixels to find a late eXIf chunk
+                exif = Image.Exif()
+                if im.info.get("exif"):
+                    exif.load(im.info["exif"])
+            else:
+                exif = im.getexif()
+            turned = exif.get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(path, f"declared size exceeds the limit of {max_pixels} pixels ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise DataError(path, f"not a readable image (formats tried: {', '.join(_PIL_FORMATS)})") from None
+    except _DECODE_ERRORS as exc:
+        raise DataError(path, f"cannot read image header: {type(exc).__name__}: {exc}") from None
+    return (w, h) if turned else (h, w)
+
+
 def _mask_levels(im: Image.Image) -> np.ndarray:
     """A mask image -> its raw grey levels (H, W) without rescaling."""
     if im.mode == "1" or im.mode.startswith("I") or im.mode in ("L", "F"):

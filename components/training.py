@@ -101,5 +101,6 @@ def calibrate_detector(detector: Detector, samples: Sequence[Sample], cfg: Confi
 
 
 def to_uint8_image(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> uint8 (H, W, 3)."""
-    return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    """(3, H, W) float in [0, 1] -> uint8 (H, W, 3). numpy only, no torch kernel: safe to call from any thread
+    of a process that keeps torch's work on one thread (flows/service/models.py says why)."""
+    return (np.clip(image.detach().numpy().transpose(1, 2, 0), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -7,6 +7,14 @@ new version beside the old one (download and every sha256 verified) and then rep
 assignment. A request that already holds the old `Served` finishes with it; later ones get the new one: no
 request is dropped or fails during a swap. `start_polling(poll_s)` runs `refresh()` in a daemon thread.
 
+One long-lived thread runs torch: the batcher's scoring thread (batching.py). Each load (and its warm-up)
+runs in a thread of its own that ends with it (`in_own_thread`). The reason is libgomp, torch's OpenMP
+runtime: every thread that runs a parallel torch kernel gets a team of worker threads that lives as long as
+that thread, and once the process holds more OpenMP threads than cores, every team's workers stop
+spin-waiting between kernels and sleep instead. On the 2-core reference machine that turned PatchCore's
+7.8 ms batch-1 forward pass into 17-18 ms for good after one call from a second long-lived thread (a
+loader in asyncio's pool, say); when the loader thread ends, its team goes and the speed comes back.
+
 Sources:
 - `RegistrySource`: the MLflow registry through flows.tracking (bank fetched from the object store, the
   manifest and every file sha256-checked by flows.pyfunc_model.fetch_detector, then the model's own
@@ -26,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -38,6 +46,7 @@ from components.training import preprocess_for
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 CHAMPION, CHALLENGER = "champion", "challenger"
 ALIASES = (CHAMPION, CHALLENGER)
 
@@ -87,6 +96,25 @@ def warm_up(served: Served, max_batch: int = 1) -> None:
             served.detector.score(torch.zeros(size, 3, h, w))
     except Exception as exc:  # noqa: BLE001 - e.g. a tiled model that needs larger images: skip warming
         logger.info("%s@%s: no warm-up (%s)", served.line, served.alias, exc)
+
+
+def in_own_thread(fn: Callable[..., T], *args) -> T:
+    """fn(*args) in a new thread that ends when fn returns (its result, or its exception re-raised here):
+    torch work off the scoring thread without leaving a second OpenMP team behind (module docstring)."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="defectops-model-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
 
 
 class ModelSource(Protocol):
@@ -239,8 +267,7 @@ class ModelTable:
                     return None
                 if old is not None and old.version == version:
                     return None
-                new = self.source.load(line, alias, version)
-                warm_up(new, self.warm_batch)
+                new = in_own_thread(self._load, line, alias, version)
             except Exception as exc:  # noqa: BLE001 - a failed load keeps serving the old version
                 self._errors[key] = f"{type(exc).__name__}: {exc}"
                 logger.error("%s@%s: could not load: %s", line, alias, self._errors[key])
@@ -252,6 +279,11 @@ class ModelTable:
         if self.on_swap is not None:
             self.on_swap(old, new)
         return f"{line}@{alias}: {old.version if old else 'none'} -> {new.version}"
+
+    def _load(self, line: str, alias: str, version: str) -> Served:
+        new = self.source.load(line, alias, version)
+        warm_up(new, self.warm_batch)
+        return new
 
     def start_polling(self, poll_s: float) -> None:
         """refresh() every `poll_s` seconds in a daemon thread, until stop()."""

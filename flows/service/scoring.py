@@ -15,13 +15,14 @@ import io
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
 
 from components.config import ServiceConfig
-from components.data import DataError, ImageTooLargeError, decode_image
+from components.data import DataError, ImageTooLargeError, Preprocess, decode_image, image_shape
 from components.prediction import DEFECTIVE, GOOD, UNDECIDED
 from components.report import jet, normalise_map, overlay
 from components.training import to_uint8_image
@@ -53,7 +54,24 @@ class Prepared:
     name: str
     sha256: str
     image_format: str
-    array: np.ndarray  # (H, W, 3) uint8, decoded; preprocessed in the batch (batching.py)
+    hw: tuple[int, int]  # (H, W) from the header; the pixels are decoded on the scoring thread (batching.py)
+    data: bytes
+
+    def decode(self, max_pixels: int, preprocess: Preprocess) -> np.ndarray:
+        """(H, W, 3) uint8; BadRequest (400, 413) naming the image if the body does not decode (or, when a
+        late EXIF orientation turned it, no longer preprocesses)."""
+        try:
+            arr = decode_image(self.data, self.name, max_pixels)
+            if arr.shape[:2] != self.hw:
+                try:
+                    preprocess.output_shape(*arr.shape[:2])
+                except ValueError as exc:
+                    raise DataError(self.name, str(exc)) from None
+            return arr
+        except ImageTooLargeError as exc:
+            raise BadRequest(413, "too_many_pixels", str(exc)) from None
+        except DataError as exc:
+            raise BadRequest(400, "bad_image", str(exc)) from None
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -69,21 +87,22 @@ def normalise(score: float, threshold: float | None) -> float | None:
 
 
 def prepare(upload: Upload, served: Served, max_pixels: int) -> Prepared:
-    """Decode one upload and check that it preprocesses; BadRequest (400, 413) naming it and the problem."""
+    """Check one upload's header (format, declared size, that it preprocesses) and hash it; BadRequest
+    (400, 413) naming it and the problem. Decoding comes later, on the scoring thread (batching.py)."""
     fmt = sniff_format(upload.data)
     try:
         if fmt is None and upload.data:
             raise DataError(upload.name, "not a PNG, JPEG, BMP or TIFF image (unknown leading bytes)")
-        arr = decode_image(upload.data, upload.name, max_pixels)
+        hw = image_shape(upload.data, upload.name, max_pixels)
         try:
-            served.preprocess.output_shape(*arr.shape[:2])
+            served.preprocess.output_shape(*hw)
         except ValueError as exc:
             raise DataError(upload.name, str(exc)) from None
     except ImageTooLargeError as exc:
         raise BadRequest(413, "too_many_pixels", str(exc)) from None
     except DataError as exc:
         raise BadRequest(400, "bad_image", str(exc)) from None
-    return Prepared(upload.name, hashlib.sha256(upload.data).hexdigest(), fmt or "", arr)
+    return Prepared(upload.name, hashlib.sha256(upload.data).hexdigest(), fmt or "", hw, upload.data)
 
 
 def png_b64(array: np.ndarray) -> str:
@@ -129,7 +148,9 @@ class Scorer:
         served = self.table.loaded(line, alias) or await asyncio.to_thread(self.table.get, line, alias)
         prepared = await asyncio.gather(*(asyncio.to_thread(prepare, u, served, self.cfg.max_image_pixels)
                                           for u in uploads))
-        results = await asyncio.gather(*(self.batcher.submit(served, p.array) for p in prepared))
+        limit = self.cfg.max_image_pixels
+        results = await asyncio.gather(*(self.batcher.submit(served, partial(p.decode, limit, served.preprocess))
+                                         for p in prepared))
         latency_ms = (time.perf_counter() - t0) * 1000.0
         decisions = [self._decision(served, p, score, latency_ms)
                      for p, (score, _, _) in zip(prepared, results, strict=True)]

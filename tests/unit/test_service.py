@@ -236,7 +236,7 @@ def test_review_export_cli_rechecks_the_kept_image(server, fitted, capsys):
     kept = runtime.store.image_path(hashlib.sha256(image).hexdigest(), ".png")
     kept.write_bytes(image[:-1] + b"\x00")  # tampered
     assert main(["review-export", "tiny", "--config", str(params)]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long paths at its width
     assert "does not match its sha256" in out and "0 false alarm(s) exported" in out
     kept.write_bytes(image)
     assert main(["review-export", "tiny", "--config", str(params)]) == 0
@@ -281,6 +281,83 @@ def test_hot_swap_keeps_every_request(fitted, tmp_path):
     assert after["threshold"] == pytest.approx(det.threshold_.image)
     assert statuses and set(statuses) == {200}, statuses
     assert first in versions
+
+
+def test_torch_work_stays_on_one_thread(fitted, tmp_path):
+    """Loads run in a thread that ends with them, and every forward pass (plain, with views, as an overlay,
+    after a reload) on the one scoring thread: a second long-lived torch thread halves libgomp's speed on a
+    small machine (flows/service/models.py)."""
+    from flows.service.models import LocalSource
+
+    cfg, _, model, _ = fitted
+    loaders: list[threading.Thread] = []
+
+    class Recording(LocalSource):
+        def load(self, line, alias, version):
+            loaders.append(threading.current_thread())
+            return super().load(line, alias, version)
+
+    scorers: set[int] = set()
+    runtime = local_runtime(cfg, tmp_path / "services", TOKEN, {"tiny": model})
+    runtime.table.source = runtime.source = Recording({"tiny": model})
+    with serve(create_app(runtime)) as base:
+        wait_ready(base)
+        detector = runtime.table.get("tiny").detector
+        plain = detector.score
+        detector.score = lambda images: scorers.add(threading.get_ident()) or plain(images)
+        image = png(with_square(texture(77))[0])
+        assert score(base, image).status_code == 200
+        assert score(base, image, params={"views": "true"}).status_code == 200
+        assert score(base, image, headers={"accept": "image/png"}).status_code == 200
+        assert httpx.post(f"{base}/v1/reload", headers=AUTH, timeout=60).status_code == 200
+    assert loaders and all(not t.is_alive() and t is not threading.main_thread() for t in loaders)
+    assert len(scorers) == 1 and threading.get_ident() not in scorers
+
+
+def test_a_body_that_breaks_after_its_header_fails_alone(server):
+    """The pixels are decoded on the scoring thread, in the batch: a PNG whose header reads but whose data is
+    cut gets its own 400, and the images batched with it are scored."""
+    base, _ = server
+    broken = png(texture(3))[:150]
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            bodies = [png(texture(90 + i)) for i in range(5)] + [broken]
+            return await asyncio.gather(*(client.post(f"{base}/v1/lines/tiny/score", content=b,
+                                                      headers={"content-type": "image/png"}) for b in bodies))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 5 + [400], [r.text for r in responses]
+    assert "cannot decode image" in responses[-1].json()["error"]
+
+
+def test_header_shape_matches_the_decode():
+    from components.data import DataError, ImageTooLargeError, decode_image, image_shape
+
+    wide = np.zeros((30, 50, 3), np.uint8)
+    for fmt in ("PNG", "JPEG", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(wide).save(buf, format=fmt)
+        assert image_shape(buf.getvalue(), "x") == decode_image(buf.getvalue(), "x").shape[:2] == (30, 50)
+    turned = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: width and height swap on decode
+    Image.fromarray(wide).save(turned, format="JPEG", exif=exif)
+    assert image_shape(turned.getvalue(), "t.jpg") == decode_image(turned.getvalue(), "t.jpg").shape[:2] == (50, 30)
+    with pytest.raises(ImageTooLargeError, match="big.png: declared size 2000x2000 exceeds the limit of 1000000"):
+        image_shape(png_declaring(2000, 2000), "big.png", 1_000_000)
+    with pytest.raises(DataError, match="junk.png: not a readable image"):
+        image_shape(b"\x89PNG\r\n\x1a\nxx", "junk.png")
+
+
+def test_pictures_convert_without_torch_as_before():
+    import torch
+
+    from components.training import to_uint8_image
+
+    image = torch.rand(3, 17, 23) * 1.4 - 0.2
+    old = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    assert np.array_equal(to_uint8_image(image), old)
 
 
 def test_service_settings_are_typed_and_checked(fitted):
