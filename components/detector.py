@@ -3,6 +3,8 @@
 A detector is configured in `__init__` (nothing learned), learns in `fit`, and keeps learned state in
 attributes ending in `_`. `score` on an unfitted detector raises `NotFittedError`. `save`/`load` use
 safetensors + JSON only, with the sha256 of every file recorded in `manifest.json` and checked on load.
+BaseDetector holds the plumbing every method shares; what only some can do (update, feature caching, per-line
+views, training in steps) is declared in components.capabilities.
 """
 
 from __future__ import annotations
@@ -15,17 +17,23 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
-from components.config import Config
+from components.config import Config, validate
+
+if TYPE_CHECKING:
+    from components.backbones import WeightsInfo
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+VERSION = "0.1.0"
+"""library_version in every saved model's metadata.json."""
 
 
 class NotFittedError(RuntimeError):
@@ -98,14 +106,28 @@ ProgressFn = Callable[[str, int, "int | None"], None]
 """progress(stage, done, total): called by fit/score so a CLI or flow can draw bars; components never print."""
 
 
+D = TypeVar("D", bound="BaseDetector")
+
+
 class BaseDetector:
-    """Shared plumbing: configuration kept in `cfg`, the optional calibrated threshold, fitted checks."""
+    """The plumbing every detector shares: configuration (`cfg`, and `params`: the `cfg.detector` section named
+    like the registered method), the learned state every method has (`weights_`: lineage of the frozen
+    weights, `fit_stats_`, the calibrated `threshold_` and `calibration_`), torch threads, the input check and
+    the batch loop of `score`, and the saved model's safetensors + metadata.json around write_model_dir /
+    read_saved_model.
+
+    A subclass implements fit, is_fitted, `_score_batch` (one checked batch -> ScoreBatch), `metadata`
+    (from `common_metadata`), and save/load through `write_saved_model` / `open_saved_model`."""
 
     name: str = "base"
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.params: Any = getattr(cfg.detector, self.name, None)
+        self.weights_: WeightsInfo | None = None
+        self.fit_stats_: dict[str, float] = {}
         self.threshold_ = None  # components.thresholds.Threshold, set after calibration
+        self.calibration_ = None  # dict: the calibration's good scores and image statistics (monitoring)
 
     @classmethod
     def from_config(cls, cfg: Config) -> BaseDetector:
@@ -119,17 +141,92 @@ class BaseDetector:
         if not self.is_fitted:
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit() or load() first")
 
+    def _set_threads(self) -> None:
+        """torch's intra-op threads to `params.threads` (0: torch's default); per call, reset only on change."""
+        threads = self.params.threads
+        if threads > 0 and torch.get_num_threads() != threads:  # resetting costs ~0.3 ms
+            torch.set_num_threads(threads)
+
+    # ---------------------------------------------------------------------------------------- score
+    def score(self, images: ImageInput, progress: ProgressFn | None = None) -> ScoreBatch:
+        """images (B, 3, H, W) in [0, 1] (a tensor or an iterable of batches) -> ScoreBatch with maps at
+        (H, W), batch by batch (`_score_batch`)."""
+        self.check_fitted()
+        self._set_threads()
+        out, done = [], 0
+        for batch in iter_image_batches(images, self.cfg.data.batch_size):
+            check_input(batch)
+            out.append(self._score_batch(batch))
+            done += batch.shape[0]
+            if progress:
+                progress("score", done, None)
+        return out[0] if len(out) == 1 else ScoreBatch.concat(out)  # one batch: no copy of its maps
+
+    def _score_batch(self, batch: torch.Tensor) -> ScoreBatch:
+        """One checked batch (B, 3, H, W) -> its ScoreBatch (maps at (H, W))."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------- save/load
+    def common_metadata(self) -> dict:
+        """The metadata.json fields every detector writes (subclasses add their own in `metadata`)."""
+        return {"method": self.name, "library_version": VERSION, "config": self.cfg.to_dict(),
+                "fit_stats": self.fit_stats_}
+
+    def metadata(self) -> dict:
+        return self.common_metadata()
+
+    def write_saved_model(self, directory: str | Path, tensors: dict[str, dict[str, torch.Tensor]],
+                          extra: dict[str, Callable[[Path], None]] | None = None,
+                          metadata: dict | None = None) -> Path:
+        """Save: one safetensors file per entry of `tensors` (file name -> state), metadata.json (`metadata`,
+        default `self.metadata()`), the threshold if calibrated, and `extra` writers, atomically with a
+        manifest."""
+        self.check_fitted()
+        meta = self.metadata() if metadata is None else metadata
+        writers: dict[str, Callable[[Path], None]] = {
+            name: (lambda p, state=state: save_file(state, str(p))) for name, state in tensors.items()}
+        writers["metadata.json"] = lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        writers.update(self.threshold_writer())
+        writers.update(extra or {})
+        return write_model_dir(directory, self.name, writers)
+
+    @classmethod
+    def open_saved_model(cls: type[D], directory: str | Path,
+                         needed: tuple[str, ...]) -> tuple[D, dict[str, Path], dict]:
+        """Load's start: the checksum-verified files (`needed` must be there), a detector configured from the
+        saved config with its fit_stats_ and threshold set, and the parsed metadata.json."""
+        files, meta = read_saved_model(directory, cls.name, needed)
+        det = cls(validate(meta["config"], source=str(files["metadata.json"])))
+        det.fit_stats_ = meta.get("fit_stats", {})
+        det.read_threshold(files)
+        return det, files, meta
+
     def threshold_writer(self) -> dict[str, Callable[[Path], None]]:
         if self.threshold_ is None:
             return {}
         payload = json.dumps(self.threshold_.to_dict(), indent=2, sort_keys=True)
-        return {"threshold.json": lambda path: path.write_text(payload)}
+        writers = {"threshold.json": lambda path: path.write_text(payload)}
+        if getattr(self, "calibration_", None):
+            calibration = json.dumps(self.calibration_, sort_keys=True)
+            writers["calibration.json"] = lambda path: path.write_text(calibration)
+        return writers
 
     def read_threshold(self, files: dict[str, Path]) -> None:
         from components.thresholds import Threshold
 
         if "threshold.json" in files:
             self.threshold_ = Threshold.from_dict(json.loads(files["threshold.json"].read_text()))
+        if "calibration.json" in files:
+            try:
+                self.calibration_ = json.loads(files["calibration.json"].read_text())
+            except json.JSONDecodeError as exc:
+                raise ArtifactError(f"{files['calibration.json']}: not valid JSON ({exc})") from None
+
+
+def check_input(batch: torch.Tensor) -> None:
+    """ValueError unless batch is (B, 3, H, W)."""
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(f"expected images (B, 3, H, W), got {tuple(batch.shape)}")
 
 
 # --------------------------------------------------------------------------------------- registry

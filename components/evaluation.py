@@ -12,6 +12,7 @@ from components.config import Config
 from components.data import LineSplit, iter_batches
 from components.detector import Detector, ProgressFn
 from components.metrics import EvaluationReport, ScoredSample, evaluate
+from components.operating_point import flat_metrics, operating_point
 from components.training import preprocess_for
 
 logger = logging.getLogger(__name__)
@@ -23,15 +24,23 @@ class EvaluationResult:
     records: list[ScoredSample]
     seconds: float
     ms_per_image: float  # detector.score wall time only (decoding and one untimed warm-up call excluded)
+    # at the model's own threshold (components/operating_point.py); None for a model without a threshold
+    operating_point: dict | None = None
 
     def metrics(self) -> dict[str, float]:
-        """Flat numeric metrics, per defect type prefixed, for logging."""
+        """Flat numeric metrics, per defect type prefixed, for logging; with a threshold also
+        false_reject_rate / escape_rate with their _lower/_upper interval, counts, per-type escape rates and
+        the calibration's guaranteed FRR bound (calibration_frr_upper_bound)."""
         flat = {k: float(v) for k, v in self.report.overall.items() if v is not None}
         flat["ms_per_image"] = self.ms_per_image
         for defect, values in self.report.per_defect.items():
             for key, value in values.items():
                 if value is not None and key.startswith(("image_", "pixel_", "aupro")):
                     flat[f"{defect}.{key}"] = float(value)
+        if self.operating_point is not None:
+            flat |= flat_metrics(self.operating_point)
+            if self.operating_point.get("calibration_frr_upper_bound") is not None:
+                flat["calibration_frr_upper_bound"] = float(self.operating_point["calibration_frr_upper_bound"])
         return flat
 
 
@@ -59,7 +68,21 @@ def evaluate_split(detector: Detector, split: LineSplit, cfg: Config,
         if progress:
             progress("evaluate", len(records), len(split.test))
     report = evaluate(records, fpr_limit=cfg.evaluation.aupro_fpr_limit)
-    return EvaluationResult(report, records, time.perf_counter() - t0, 1000.0 * score_time / len(records))
+    op = records_operating_point(records, detector.threshold_)
+    return EvaluationResult(report, records, time.perf_counter() - t0, 1000.0 * score_time / len(records), op)
+
+
+def records_operating_point(records: list[ScoredSample], threshold) -> dict | None:
+    """The operating point of scored records at `threshold` (a components.thresholds.Threshold or None),
+    with what its calibration guaranteed (target, bound, guaranteed) alongside."""
+    if threshold is None:
+        return None
+    op = operating_point(np.array([r.label for r in records]), np.array([r.score for r in records]),
+                         threshold.image, [r.defect_type for r in records])
+    op.update({"target_false_reject_rate": threshold.false_reject_rate,
+               "calibration": threshold.calibration, "n_calibration": threshold.n_calibration,
+               "calibration_frr_upper_bound": threshold.frr_upper_bound, "guaranteed": threshold.guaranteed})
+    return op
 
 
 def worst_misses(records: list[ScoredSample], threshold: float | None, count: int) -> list[ScoredSample]:

@@ -20,14 +20,18 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def unique_names(files: list[Path]) -> list[str]:
-    """Object-key-safe stems ([A-Za-z0-9._-]), made unique with -1, -2... suffixes."""
-    seen: dict[str, int] = {}
+    """Object-key-safe stems ([A-Za-z0-9._-]), made unique with -1, -2... suffixes; a suffixed name never
+    takes one that another file already has (`a/x`, `b/x`, `x-1` -> x, x-1, x-1-1)."""
+    taken: set[str] = set()
     names = []
     for f in files:
         stem = _UNSAFE.sub("_", f.stem).strip("._") or "image"
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        names.append(stem if n == 0 else f"{stem}-{n}")
+        name, n = stem, 0
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        names.append(name)
     return names
 
 

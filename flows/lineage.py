@@ -152,7 +152,9 @@ def render(info: dict[str, Any]) -> str:
     metrics = info["metrics"]
     head = [k for k in ("image_auroc", "pixel_auroc", "aupro", "ms_per_image") if k in metrics]
     rows.append("  metrics        " + ("  ".join(f"{k} {_num(metrics[k])}" for k in head) or dash))
-    rest = [k for k in metrics if k not in head]
+    op_line = _operating_point_line(metrics)
+    rows += [f"  operating pt   {op_line}"] if op_line else []
+    rest = [k for k in metrics if k not in head and not (op_line and k in _OP_KEYS)]
     rows += [f"                   {k} = {_num(metrics[k])}" for k in rest]
     promo = info["promotion"]
     rows.append(f"  promotion      {promo['decision'] or 'not gated'}"
@@ -170,6 +172,28 @@ def render(info: dict[str, Any]) -> str:
     if info["missing_tags"]:
         rows.append(f"  MISSING TAGS   {', '.join(info['missing_tags'])}")
     return "\n".join(rows)
+
+
+_OP_KEYS = ("false_reject_rate", "false_reject_rate_lower", "false_reject_rate_upper", "n_false_rejects", "n_good",
+            "escape_rate", "escape_rate_lower", "escape_rate_upper", "n_escapes", "n_defective",
+            "calibration_frr_upper_bound")
+
+
+def _operating_point_line(m: dict[str, Any]) -> str | None:
+    """'false rejects 0/14 = 0.0% (95% CI 0.0-23.2%), escapes 19/32 = ...' from the version's metric tags."""
+    if m.get("false_reject_rate") is None or m.get("n_good") is None:
+        return None
+
+    def part(label: str, key: str, hits: str, total: str) -> str:
+        if m.get(key) is None or m.get(total) is None:
+            return f"{label} -"
+        return (f"{label} {int(m[hits])}/{int(m[total])} = {100 * m[key]:.1f}% (95% CI "
+                f"{100 * (m.get(key + '_lower') or 0):.1f}-{100 * (m.get(key + '_upper') or 0):.1f}%)")
+
+    bound = m.get("calibration_frr_upper_bound")
+    return (part("false rejects", "false_reject_rate", "n_false_rejects", "n_good") + ", "
+            + part("escapes", "escape_rate", "n_escapes", "n_defective")
+            + (f", calibration FRR bound {100 * bound:.1f}%" if bound is not None else ""))
 
 
 def _num(value: Any) -> str:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -87,11 +88,12 @@ def client_session(cfg: Config, env: dict[str, str] | None = None) -> Iterator[d
         if key == "TMPDIR" or key not in os.environ:
             os.environ[key] = value
     tempfile.tempdir = None
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    api = os.environ.get("PREFECT_API_URL")
+    api, auth = os.environ.get("PREFECT_API_URL"), os.environ.get("PREFECT_API_AUTH_STRING")
+    updates = {**({PREFECT_API_URL: api} if api else {}), **({PREFECT_API_AUTH_STRING: auth} if auth else {})}
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api} if api else {}):
+        with temporary_settings(updates=updates):
             try:
                 yield env
             finally:
@@ -122,10 +124,13 @@ def drain_prefect(timeout: float = 15.0) -> None:
 def _ui(state) -> dict[str, str]:
     return {"MLflow UI": state.mlflow_uri or "-",
             "Prefect UI": (state.prefect_api_url or "-").removesuffix("/api"),
-            "object store (S3)": f"{state.s3_endpoint} bucket {state.bucket}"}
+            "object store (S3)": f"{state.s3_endpoint} bucket {state.bucket}",
+            "UI login": f"user defectops, password in {state.root}/service-secrets.json (mlflow_password, "
+                        "prefect_password)"}
 
 
 def _pipeline_errors():
+    from flows.gc import GcError
     from flows.lineage import LineageError
     from flows.retrain import RetrainError
     from flows.storage import StorageError
@@ -134,7 +139,7 @@ def _pipeline_errors():
     from infra.services import PortInUseError, ServiceStartError
 
     return (RetrainError, StorageError, RegistryError, LineageError, VersioningError, ServiceStartError,
-            PortInUseError, ServicesDown)
+            PortInUseError, ServicesDown, GcError)
 
 
 @contextmanager
@@ -152,6 +157,24 @@ def clear_errors() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------ printing
+
+def _check_json_out(path: Path | None) -> None:
+    if path is not None and str(path) != "-":
+        from flows.cli import check_writable
+
+        check_writable(path, folder=False)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """`--json PATH`: written atomically (nothing half-written, no temp file left); `-` is standard output."""
+    text = json.dumps(payload, indent=2, default=str)
+    if str(path) == "-":
+        sys.stdout.write(text + "\n")
+        return
+    from flows.cli import _atomic_write_text
+
+    _atomic_write_text(path, text)
+
 
 def print_retrain(result: dict) -> None:
     table = Table(title=f"retrain {result['line']}: {result['model_name']} version {result['version']}")
@@ -329,6 +352,9 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
         """Retrain one line: version data, features, model, evaluate, register, promotion gate."""
         path = _params_path(config)
         cfg = load_config(path)
+        from flows.retrain import line_config
+
+        line_config(path, line, list(set_ or []))  # an unknown line or a bad --set: one line, exit 2, no flow run
         with clear_errors(), client_session(cfg):
             from flows.retrain import retrain
 
@@ -367,17 +393,21 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
         """Score images with the line's @champion; results go to the object store."""
         path = _params_path(config)
         cfg = load_config(path)
+        _check_json_out(json_out)
         with clear_errors(), client_session(cfg):
             from flows.inference import inference
 
             result = inference(line, [str(p) for p in images], str(path))
         print_inference(result)
         if json_out:
-            json_out.write_text(json.dumps(result, indent=2))
+            write_json(json_out, result)
 
     from flows.schedule_cli import register as register_schedules
 
     register_schedules(app)  # `serve`: in the foreground, or --detach as a managed service
+    from flows.monitor_cli import register as register_monitor
+
+    register_monitor(app)  # `monitor`: drift of the recorded decisions (issue 15)
 
     @app.command()
     def lineage(ref: Annotated[str, typer.Argument(help="MODEL@ALIAS or MODEL/VERSION, e.g. defectops-cookie@champion")],
@@ -385,6 +415,7 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
                 json_out: Annotated[Path | None, typer.Option("--json", help="export the chain as JSON")] = None) -> None:
         """Print the lineage of a registered version, its bank re-verified against the object store."""
         cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))
+        _check_json_out(json_out)
         with clear_errors(), client_session(cfg):
             from flows import tracking
             from flows.lineage import lineage as lineage_of
@@ -395,15 +426,37 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
             info = lineage_of(*parse_model_ref(ref), ObjectStore.from_env())
         console.print(render(info), highlight=False, soft_wrap=True)
         if json_out:
-            json_out.write_text(json.dumps(info, indent=2))
-            console.print(f"lineage written to {json_out}")
+            write_json(json_out, info)
+            if str(json_out) != "-":
+                console.print(f"lineage written to {json_out}")
+
+    @app.command()
+    def gc(config: ConfigOpt = None,
+           delete: Annotated[bool, typer.Option("--delete", help="delete them (default: only list them)")] = False,
+           min_age_hours: Annotated[float, typer.Option(min=0, help="keep objects younger than this (a "
+                                                        "running retrain uploads before it registers)")] = 6.0) -> None:
+        """List (or with --delete remove) model and export objects that no registered version references;
+        DVC's cache, MLflow artifacts and inference results are never touched."""
+        cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))
+        with clear_errors(), client_session(cfg):
+            from flows import tracking
+            from flows.gc import collect
+            from flows.storage import ObjectStore
+
+            tracking.configure(root=cfg.services.root.resolve())
+            report = collect(ObjectStore.from_env(), min_age_hours * 3600, delete)
+        for key in report["unreferenced"]:
+            console.print(f"  {key}", highlight=False)
+        verb = "deleted" if delete else "unreferenced (dry run; --delete removes them)"
+        console.print(f"{len(report['unreferenced'])} objects, {report['bytes']} bytes {verb}; "
+                      f"{report['referenced']} referenced objects kept", highlight=False)
 
     @app.command()
     def demo(data: Annotated[Path | None, typer.Option("--data", help="a real MVTec-layout line instead of the demo")] = None,
              config: ConfigOpt = None,
              change: Annotated[str, typer.Option(help="the parameter changed for the second retrain")] = DEMO_CHANGE,
              image_size: Annotated[int, typer.Option(help="square image size for the demo runs")] = 128,
-             max_train: Annotated[int | None, typer.Option(help="use the first N good train images")] = None,
+             max_train: Annotated[int | None, typer.Option(min=1, help="use the first N good train images (N >= 1)")] = None,
              stop: Annotated[bool, typer.Option("--stop", help="stop the services at the end")] = False) -> None:
         """The main job: services up, a demo line, retrain twice (gate exercised), inference, lineage."""
         cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))

@@ -1,5 +1,7 @@
 """The promotion gate: a challenger takes `@champion` only if it is no worse than the champion on the
-same pinned evaluation data (beyond the tolerances in params.yaml) and within the latency budget.
+same pinned evaluation data (beyond the tolerances in params.yaml), within the latency budget, and its own
+operating point (false-reject and escape rates at its threshold) is within promotion.max_false_reject_rate
+and promotion.max_escape_rate (`operating_point_checks`).
 
 `decide` is pure (metrics in, decision out). `apply_gate` reads the champion from the registry,
 re-evaluates it when it was measured on other data, records the decision on the version and in its run,
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 GATED_METRICS = ("image_auroc", "aupro", "ms_per_image")
+OPERATING_METRICS = ("false_reject_rate", "false_reject_rate_upper", "escape_rate", "escape_rate_upper")
 Reevaluate = Callable[[dict[str, Any]], Mapping[str, float]]
 """reevaluate(champion_version_info) -> the champion's metrics on the candidate's pinned data."""
 
@@ -92,7 +95,34 @@ def decide(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, cfg
     if no_masks:
         checks.append((True, "aupro: the pinned test data has no defect masks: not gated"))
     checks.append(_within_budget(_number(candidate, "ms_per_image"), cfg.latency_budget_ms))
+    checks += operating_point_checks(candidate, cfg)
     return Decision(all(ok for ok, _ in checks), [reason for _, reason in checks])
+
+
+def operating_point_checks(candidate: Mapping[str, Any], cfg: PromotionConfig) -> list[tuple[bool, str]]:
+    """The candidate's operating point on the pinned test data, at its own threshold (issue 15):
+    false_reject_rate (good images rejected) <= promotion.max_false_reject_rate and escape_rate (defective
+    images passed) <= promotion.max_escape_rate; a bound set to None is not gated (and says so). Each
+    reason carries the counts and the 95 % Clopper-Pearson interval; a missing rate fails."""
+    checks = []
+    for key, bound, counts in (("false_reject_rate", cfg.max_false_reject_rate, ("n_false_rejects", "n_good")),
+                               ("escape_rate", cfg.max_escape_rate, ("n_escapes", "n_defective"))):
+        setting = f"promotion.max_{key}"
+        if bound is None:
+            checks.append((True, f"{key}: {setting} is null: not gated"))
+            continue
+        value = _number(candidate, key)
+        if math.isnan(value):
+            checks.append((False, f"{key}: candidate value is missing or not a number (the model has no "
+                                  f"threshold, or no such test images): fail"))
+            continue
+        low, high = _number(candidate, f"{key}_lower"), _number(candidate, f"{key}_upper")
+        hits, total = _number(candidate, counts[0]), _number(candidate, counts[1])
+        detail = f"{int(hits)}/{int(total)} images, " if not (math.isnan(hits) or math.isnan(total)) else ""
+        ok = value <= bound
+        checks.append((ok, f"{key} {value:.4f} ({detail}95% CI {low:.3f}-{high:.3f}) {'<=' if ok else '>'} "
+                           f"{setting} {bound:g}: {'pass' if ok else 'fail'}"))
+    return checks
 
 
 def metrics_from_tags(tags: Mapping[str, str]) -> dict[str, float]:
@@ -159,7 +189,7 @@ def _gate_locked(model_name: str, version: str, candidate_metrics: Mapping[str, 
     record_decision(model_name, candidate, decision, now, {
         "champion_before": champion_version, "champion_metrics": champ_metrics,
         "champion_reevaluated": reevaluated, "eval_data_hash": eval_data_hash,
-        "candidate_metrics": {k: _number(candidate_metrics, k) for k in GATED_METRICS},
+        "candidate_metrics": {k: _number(candidate_metrics, k) for k in GATED_METRICS + OPERATING_METRICS},
         "config": cfg.model_dump(mode="json")})
     tracking.set_alias(model_name, CHALLENGER, version)
     if decision.promote:
@@ -173,9 +203,11 @@ def record_decision(model_name: str, candidate: dict[str, Any], decision: Decisi
                     details: dict[str, Any]) -> None:
     """Tags on the version and its run (decision, reasons, time, champion before) and promotion.json with
     `details` (which must hold `champion_before`)."""
-    tags = {"promotion.decision": "promoted" if decision.promote else "rejected",
-            "promotion.reasons": json.dumps(decision.reasons), "promotion.time": when,
-            "promotion.champion_before": details["champion_before"] or "none"}
+    # The decision goes last (tags are written one by one): a process killed half-way leaves no decision
+    # without its reasons, and the version stays `promotion.decision=pending` (set at registration).
+    tags = {"promotion.reasons": json.dumps(decision.reasons), "promotion.time": when,
+            "promotion.champion_before": details["champion_before"] or "none",
+            "promotion.decision": "promoted" if decision.promote else "rejected"}
     tracking.set_version_tags(model_name, candidate["version"], tags)
     if candidate.get("run_id"):
         tracking.set_run_tags(candidate["run_id"], tags)

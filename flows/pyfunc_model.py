@@ -15,7 +15,7 @@ DEFECTOPS_S3_ENDPOINT is unset).
     model = mlflow.pyfunc.load_model("models:/defectops-cookie@champion")
     model.predict(pd.DataFrame({"image": [png_bytes]}), params={"heatmap": True})
     model.predict(pd.DataFrame({"image_path": ["a.png", "b.png"]}))          # files on the scoring host
-    # -> image_path, image_sha256, score, normalised_score, decision ("anomalous" | "good"; None without a
+    # -> image_path, image_sha256, score, normalised_score, decision ("defective" | "good", the words `predict` and the service use; None without a
     #    threshold), threshold, heatmap (base64 PNG overlay when params={"heatmap": True}, else None)
     unified = mlflow.pyfunc.load_model("models:/defectops-unified-plant@champion")
     unified.predict(pd.DataFrame({"image": [png_bytes], "line": ["cookie"]}))  # cookie's threshold
@@ -39,6 +39,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,10 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from PIL import Image
 
+from components.capabilities import MultiLine
 from components.data import DataError, Sample, iter_batches
 from components.detector import Detector, load_detector
+from components.prediction import DEFECTIVE, GOOD
 from components.report import overlay
 from components.training import preprocess_for, to_uint8_image
 from flows.storage import ObjectStore, parse_uri
@@ -60,7 +63,6 @@ logger = logging.getLogger(__name__)
 CONFIG_KEYS = ("bank_uri", "bank_sha256")
 INPUT_COLUMNS = ("image", "image_path", "line")
 OUTPUT_COLUMNS = ("image_path", "image_sha256", "score", "normalised_score", "decision", "threshold", "heatmap")
-ANOMALOUS, GOOD = "anomalous", "good"
 MAX_ROWS = int(os.environ.get("DEFECTOPS_PYFUNC_MAX_ROWS", "256"))
 MAX_IMAGE_BYTES = int(os.environ.get("DEFECTOPS_PYFUNC_MAX_IMAGE_BYTES", str(32 * 1024 * 1024)))
 
@@ -98,15 +100,21 @@ class DefectOpsModel(PythonModel):
     """Scores images with a detector fetched from the object store; see the module docstring."""
 
     def load_context(self, context) -> None:
+        # Every torch call of this model (load and scoring) on one long-lived thread: MLflow's scoring server
+        # answers requests from a pool of threads, and torch's OpenMP runtime slows every forward pass once
+        # more than one long-lived thread has run torch kernels (flows/service/models.py says why).
+        self._torch = ThreadPoolExecutor(1, thread_name_prefix="defectops-torch")
         self._workdir = tempfile.TemporaryDirectory(prefix="defectops-model-")
-        self.detector = fetch_detector(context.model_config or {}, Path(self._workdir.name) / "model")
+        self.detector = self._torch.submit(fetch_detector, context.model_config or {},
+                                           Path(self._workdir.name) / "model").result()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """model_input: a DataFrame with an `image` (bytes or base64) or `image_path` column and, for a model
         trained on several lines (a unified model), a `line` column choosing each row's threshold -> one row
         per image, in order. params: {"heatmap": bool}. Failures: MlflowException with one message."""
         try:
-            return predict_frame(self.detector, model_input, heatmap=bool((params or {}).get("heatmap")))
+            return self._torch.submit(predict_frame, self.detector, model_input,
+                                      bool((params or {}).get("heatmap"))).result()
         except ValueError as exc:  # InputError, DataError, an unknown line of a unified model, nan scores
             raise MlflowException(str(exc), INVALID_PARAMETER_VALUE) from None
         except Exception as exc:  # noqa: BLE001 - the traceback goes to the server log, not the response
@@ -207,7 +215,7 @@ def predict_frame(detector: Detector, frame: pd.DataFrame, heatmap: bool = False
         files, paths, shas, labels = _sources(frame, Path(tmp))
         for line in dict.fromkeys(lines):
             rows = [i for i, value in enumerate(lines) if value == line]
-            det = detector.for_line(line) if line is not None and hasattr(detector, "for_line") else detector
+            det = detector.for_line(line) if line is not None and isinstance(detector, MultiLine) else detector
             scores, pngs = score_files(det, [files[i] for i in rows], heatmap, labels)
             threshold = getattr(det, "threshold_", None)
             out["score"][rows] = scores
@@ -215,7 +223,7 @@ def predict_frame(detector: Detector, frame: pd.DataFrame, heatmap: bool = False
                 out["threshold"][rows] = threshold.image
                 out["normalised_score"][rows] = normalised_scores(scores, threshold.image)
                 for i, flag in zip(rows, threshold.decide_image(scores), strict=True):
-                    decisions[i] = ANOMALOUS if flag else GOOD
+                    decisions[i] = DEFECTIVE if flag else GOOD
             for i, png in zip(rows, pngs, strict=True):
                 heatmaps[i] = png
     return pd.DataFrame({"image_path": paths, "image_sha256": shas, **{k: out[k] for k in ("score", "normalised_score")},

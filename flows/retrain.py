@@ -24,12 +24,14 @@ from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file
 
+from components.capabilities import FeatureCached
 from components.config import Config, ConfigError, load_config, parse_override, set_path, validate
-from components.data import scan_line, split_calibration
+from components.data import scan_line
 from components.detector import create_detector, load_detector
 from components.evaluation import evaluate_split
-from components.training import calibrate_detector, fit_options, image_stream
-from flows import export_gate, faults, promote, tracking, versioning
+from components.report import calibration_line
+from components.training import calibrate_detector, fit_and_calibration_samples, fit_options, image_stream
+from flows import candidate_check, debris, export_gate, faults, promote, tracking, versioning
 from flows.feature_cache import cached_features_sha256, feature_cache_key, write_cached_features
 from flows.storage import (
     AccessDeniedError,
@@ -107,7 +109,7 @@ class TrainLog:
 
 def _fit_and_calibration(cfg: Config, data_path: str):
     split = scan_line(data_path)
-    return split, *split_calibration(split.train, cfg.data.calibration_fraction, cfg.data.seed)
+    return split, *fit_and_calibration_samples(cfg, split.train)
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -147,7 +149,7 @@ def extract_features(run_id: str, cfg_dict: dict, data_path: str, data_hash: str
     """Patch embeddings of the fit images, cached under `<cache_dir>/<key>.safetensors`."""
     cfg = validate(cfg_dict)
     detector = create_detector(cfg)
-    if not hasattr(detector, "feature_key"):
+    if not isinstance(detector, FeatureCached):
         return {"path": None, "cache_hit": False}
     split, fit, _ = _fit_and_calibration(cfg, data_path)
     key = feature_cache_key(detector.feature_key(), data_hash, [s.path.relative_to(split.root).as_posix() for s in fit])
@@ -175,15 +177,25 @@ def build_model(run_id: str, cfg_dict: dict, data_path: str, features: dict, mod
     _, fit, calibration = _fit_and_calibration(cfg, data_path)
     detector = create_detector(cfg)
     t0 = time.perf_counter()
+    cached = None
     if features.get("path") and cached_features_sha256(Path(features["path"])) == features.get("sha256"):
-        detector.fit_features(load_file(features["path"])["features"])
+        cached = load_file(features["path"])["features"]
+        detector.fit_features(cached)
     else:
         train_log = TrainLog(run_id)
         detector.fit(image_stream(fit, cfg.data), **fit_options(detector, train_log, checkpoints))
         train_log.flush()
     fit_s = time.perf_counter() - t0
-    calibrate_detector(detector, calibration, cfg)
+    calibrate_detector(detector, calibration, cfg, features=cached)  # crossfit: k fold fits from `cached`
     detector.save(model_dir)
+    threshold = detector.threshold_
+    if threshold is not None:
+        tracking.log_metrics(run_id, {"calibration_frr_upper_bound": threshold.frr_upper_bound,
+                                      "calibration_guaranteed": float(bool(threshold.guaranteed))})
+        tracking.set_run_tags(run_id, {"calibration.method": str(threshold.calibration),
+                                       "calibration.guaranteed": str(bool(threshold.guaranteed)).lower()})
+        if line := calibration_line(threshold):
+            logger.warning("%s", line)
     if checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     tracking.log_metrics(run_id, {"fit_s": fit_s, "n_fit": len(fit), "n_calibration": len(calibration),
@@ -215,6 +227,18 @@ def evaluate_model(run_id: str, model_dir: str, data_path: str, cfg_dict: dict, 
 
 
 @task(cache_policy=NO_CACHE)
+def check_stored_candidate(run_id: str, bank: dict, model_dir: str, data_path: str, work_dir: str, line: str) -> dict:
+    """Before registration and any alias move: fetch the candidate as serving does (every sha256 verified),
+    repair corrupt objects from `model_dir`, score a few images (flows.candidate_check)."""
+    store = object_store()
+    report = candidate_check.check_candidate(bank, model_dir, data_path, Path(work_dir) / "candidate",
+                                             [MODEL_PREFIX, line], store)
+    tracking.set_run_tags(run_id, {"candidate_check": f"loaded from the store, {report['scored']} images scored",
+                                   "candidate_check.repaired": ",".join(report["repaired"]) or "none"})
+    return report
+
+
+@task(cache_policy=NO_CACHE)
 def register(run_id: str, name: str, bank: dict, endpoint: str, tags: dict) -> str:
     return tracking.register_version(run_id, name, StoredObject(**bank), endpoint, tags)
 
@@ -236,12 +260,16 @@ def gate(name: str, version: str, metrics: dict, eval_data_hash: str, cfg_dict: 
 
 # ------------------------------------------------------------------------------------------------ flow
 
-def fail_run(run_id: str, step: str, exc: BaseException) -> None:
-    """Record the failure on the run and end it FAILED; never masks the original error."""
+def fail_run(run_id: str, step: str, exc: BaseException, root: Path | None = None) -> None:
+    """Record the failure on the run and end it FAILED; never masks the original error. When MLflow cannot
+    take the tags (it is what died), they are kept under `root` and applied by the next run (flows.debris)."""
+    tags = {"failed_step": step, "error": f"{type(exc).__name__}: {exc}"[:4000]}
     try:
-        tracking.set_run_tags(run_id, {"failed_step": step, "error": f"{type(exc).__name__}: {exc}"[:4000]})
+        tracking.set_run_tags(run_id, tags)
     except Exception as tag_exc:  # noqa: BLE001 - the original error matters more
         logger.warning("could not tag MLflow run %s with the failure: %s", run_id, tag_exc)
+        if root is not None:
+            debris.record_failure(root, run_id, tags)
     try:
         tracking.end_run(run_id, "FAILED")
     except Exception as end_exc:  # noqa: BLE001
@@ -249,12 +277,15 @@ def fail_run(run_id: str, step: str, exc: BaseException) -> None:
 
 
 def _version_tags(cfg: Config, info: dict, data: dict, model: dict, metrics: dict, line: str) -> dict[str, Any]:
-    keep = ("image_auroc", "aupro", "pixel_auroc", "image_ap", "pixel_ap", "ms_per_image")
+    keep = ("image_auroc", "aupro", "pixel_auroc", "image_ap", "pixel_ap", "ms_per_image", "false_reject_rate",
+            "false_reject_rate_lower", "false_reject_rate_upper", "n_false_rejects", "n_good", "escape_rate",
+            "escape_rate_lower", "escape_rate_upper", "n_escapes", "n_defective", "calibration_frr_upper_bound")
     code = {k: info[k] for k in ("git_commit", "git_dirty")}
     return {**code, "flow_run_id": info["flow_run_id"], "dvc_data_hash": data["dvc_md5"], "dvc_remote_path": data["remote_path"],
             "dvc_registry_commit": data["registry_commit"], "eval_data_hash": data["eval_data_hash"],
             "params_hash": cfg.digest(), "weights_sha256": model["weights_sha256"], "product_line": line,
             "method": cfg.detector.method, "backbone": cfg.backbone.name,
+            "promotion.decision": "pending",  # until the gate records its decision (with its reasons)
             "metrics": {k: metrics[k] for k in keep if k in metrics}}
 
 
@@ -277,7 +308,7 @@ def start_flow_run(line: str, cfg: Config, kind: str = "retrain") -> tuple[str, 
             "git_dirty": versioning.git_dirty() if commit != versioning.NO_COMMIT else "unknown",
             "flow_run_id": str(runtime.flow_run.id or "none"), "flow_run_name": str(runtime.flow_run.name or "")}
     try:
-        tracking.reap_dead_runs(line)
+        debris.after_crashes(line, services_root(cfg))
     except Exception as exc:  # noqa: BLE001 - housekeeping must not stop a run; start_run reports MLflow errors
         logger.warning("could not check %s for runs left RUNNING by dead processes: %s", line, exc)
     try:
@@ -297,6 +328,7 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
     spec, root, name, cfg_dict = cfg.lines[product_line], services_root(cfg), model_name(product_line), cfg.to_dict()
     tracking.configure(root=root)
     run_id, info = start_flow_run(product_line, cfg)
+    debris.clean_work(root, keep=run_id)
     work, step = root / "work" / run_id, "log params"
     try:
         tracking.log_params(run_id, _line_params(cfg, product_line))
@@ -318,6 +350,8 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
         step = "export"
         exported = export_gate.export_candidate(run_id, model["model_dir"], data["path"], cfg_dict,
                                                 str(work / "export"), product_line)
+        step = "check stored model"
+        check_stored_candidate(run_id, bank, model["model_dir"], data["path"], str(work), product_line)
         step = "register"
         version = register(run_id, name, bank, endpoint,
                            {**_version_tags(cfg, info, data, model, metrics, product_line), **exported["tags"]})
@@ -325,7 +359,7 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
         decision = gate(name, version, metrics, data["eval_data_hash"], cfg_dict, data["path"], str(work))
         tracking.log_metrics(run_id, {"retrain_s": time.perf_counter() - t_start})
     except BaseException as exc:
-        fail_run(run_id, step, exc)
+        fail_run(run_id, step, exc, root)
         raise RetrainError(f"retrain {product_line} failed at step '{step}': {exc}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 DEPLOYMENT_PREFIX = "retrain-"
 INFERENCE_PREFIX = "inference-"
+MONITOR_PREFIX = "monitor-"
 
 
 def deployment_name(line: str) -> str:
@@ -94,7 +95,25 @@ def deployments(params_path: str | Path, lines: list[str] | None = None, timezon
         if spec.inference is not None:
             out.append(_inference_deployment(line, spec.inference, params_path, tz))
             logger.info("deployment %s: cron %r (%s)", inference_deployment_name(line), spec.inference.cron, tz)
+        monitoring = cfg.for_line(line).monitoring
+        if monitoring.cron:
+            out.append(_monitor_deployment(line, monitoring.cron, params_path, tz))
     return out
+
+
+def _monitor_deployment(line: str, cron: str, params_path: Path, timezone: str):
+    """The drift monitor of `line` (flows/monitor.py) on `monitoring.cron`."""
+    from prefect.client.schemas.schedules import construct_schedule
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.monitor import monitor
+
+    check_cron(line, cron, timezone, "monitoring.cron")
+    return monitor.to_deployment(
+        name=f"{MONITOR_PREFIX}{line}", schedule=construct_schedule(cron=cron, timezone=timezone),
+        parameters={"product_line": line, "params_path": str(params_path)},
+        tags=["defectops", f"line:{line}", "monitor"], entrypoint_type=EntrypointType.MODULE_PATH,
+        description=f"Drift check of {line}'s recorded decisions on cron {cron!r} ({timezone})")
 
 
 def serve(params_path: str | Path, lines: list[str] | None = None, limit: int | None = 1) -> None:

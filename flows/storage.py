@@ -1,7 +1,9 @@
 """Content-addressed object storage for banks, weights and results: the only module that imports boto3.
 
 Keys are ``<prefix>/<sha256>/<filename>``; the sha256 is also stored as object metadata and checked on every
-download (temp file in the destination's directory, verified, then atomically renamed). A directory is
+download (temp file in the destination's directory, verified, then atomically renamed). An upload is skipped
+only when the stored bytes are re-read and hash to the key's sha256 (metadata alone is never trusted); a
+corrupt object is uploaded again from the local copy (``store.repaired`` lists those keys). A directory is
 stored as its files plus a manifest (relative path -> sha256, size) whose own sha256 addresses the whole:
 
     store = ObjectStore.from_env()
@@ -45,6 +47,7 @@ _DENIED = {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureD
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _UNREACHABLE = (BotoConnectionError, HTTPClientError, RetriesExceededError)  # refused, timeouts, resets
 MULTIPART_THRESHOLD_ENV = "DEFECTOPS_S3_MULTIPART_THRESHOLD"
+CONNECT_TIMEOUT_ENV, READ_TIMEOUT_ENV = "DEFECTOPS_S3_CONNECT_TIMEOUT_S", "DEFECTOPS_S3_READ_TIMEOUT_S"
 
 
 class StorageError(RuntimeError):
@@ -130,6 +133,7 @@ class ObjectStore:
                  region: str = "us-east-1", connect_timeout: float = 5, read_timeout: float = 60,
                  max_attempts: int = 4, multipart_threshold: int = 64 * _CHUNK) -> None:
         self.endpoint_url, self.bucket = endpoint_url, bucket
+        self.repaired: list[str] = []  # keys whose stored bytes were corrupt and were uploaded again
         # S3 parts are at least 5 MiB; files over the threshold go up and down in parallel parts.
         chunk = max(5 * _CHUNK, min(16 * _CHUNK, multipart_threshold))
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=chunk,
@@ -147,7 +151,8 @@ class ObjectStore:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **kwargs) -> ObjectStore:
         """From DEFECTOPS_S3_ENDPOINT, DEFECTOPS_BUCKET and AWS_* (or DEFECTOPS_S3_*) keys; files of at
-        least DEFECTOPS_S3_MULTIPART_THRESHOLD bytes (default 64 MiB) go up in multipart uploads."""
+        least DEFECTOPS_S3_MULTIPART_THRESHOLD bytes (default 64 MiB) go up in multipart uploads;
+        DEFECTOPS_S3_CONNECT_TIMEOUT_S / DEFECTOPS_S3_READ_TIMEOUT_S bound each request (defaults 5 / 60 s)."""
         env = dict(os.environ if env is None else env)
         access = env.get("AWS_ACCESS_KEY_ID") or env.get("DEFECTOPS_S3_ACCESS_KEY")
         secret = env.get("AWS_SECRET_ACCESS_KEY") or env.get("DEFECTOPS_S3_SECRET_KEY")
@@ -158,6 +163,15 @@ class ObjectStore:
         if missing:
             raise ValueError(f"object store not configured: set {', '.join(missing)} "
                              "(python -m infra start, then infra.services.env_for_clients)")
+        for name, kwarg in ((CONNECT_TIMEOUT_ENV, "connect_timeout"), (READ_TIMEOUT_ENV, "read_timeout")):
+            text = env.get(name, "").strip()
+            if text:  # the user's bound wins over the caller's default: a hung store fails after it
+                try:
+                    kwargs[kwarg] = float(text)
+                except ValueError:
+                    kwargs[kwarg] = -1.0
+                if not 0 < kwargs[kwarg] <= 3600:
+                    raise ValueError(f"{name}={text!r}: expected seconds, more than 0 and at most 3600")
         threshold = env.get(MULTIPART_THRESHOLD_ENV, "").strip()
         if threshold and "multipart_threshold" not in kwargs:
             if not threshold.isdigit() or int(threshold) < 1:
@@ -237,8 +251,18 @@ class ObjectStore:
     # ------------------------------------------------------------ put
 
     def _already_stored(self, key: str, sha: str, size: int) -> bool:
+        """True only when the object exists and its *bytes* hash to ``sha``: metadata and size are a first
+        filter, never a proof (a bit flipped under intact metadata would otherwise never be repaired).
+        An object whose bytes differ is logged and re-uploaded by the caller from the local copy."""
         head = self._head(self.bucket, key)
-        return head is not None and head.get("Metadata", {}).get("sha256") == sha and head["ContentLength"] == size
+        if head is None or head.get("Metadata", {}).get("sha256") != sha or head["ContentLength"] != size:
+            return False
+        if self.verify(self._uri(key), sha):
+            return True
+        self.repaired.append(key)
+        logger.warning("%s: stored bytes do not hash to %s; re-uploading it from the local copy",
+                       self._uri(key), sha[:12])
+        return False
 
     def put_file(self, path: Path, prefix: str | Sequence[str]) -> StoredObject:
         """Upload ``path`` to ``prefix/<sha256>/<name>`` (multipart when big); skip it if already there."""
@@ -383,6 +407,25 @@ class ObjectStore:
             if _bad_part(rel.split("/")) is not None or not _SHA_RE.match(str(sha)):
                 raise ManifestError(self.endpoint_url, bucket, key, f"manifest entry {rel!r} is not safe")
         return files
+
+    def list_objects(self, prefix: str) -> list[tuple[str, int, float]]:
+        """(key, size, last-modified epoch seconds) of every object under `prefix` (paginated listing)."""
+        out = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                out += [(o["Key"], int(o["Size"]), o["LastModified"].timestamp()) for o in page.get("Contents", [])]
+        except (ClientError, BotoCoreError, RetriesExceededError) as exc:
+            raise self._error(exc, self.bucket, prefix, "list") from None
+        return out
+
+    def delete(self, key: str) -> None:
+        """Delete one object (used by `defectops gc --delete` only)."""
+        self._call("delete", self.bucket, key, self._client.delete_object, Bucket=self.bucket, Key=key)
+
+    def dir_keys(self, uri: str, expected_sha256: str) -> set[str]:
+        """The keys of a ``put_dir`` directory: its manifest's and every file's (manifest sha256-verified)."""
+        return {parse_uri(uri)[1]} | {parse_uri(u)[1] for u, _ in self._dir_entries(uri, expected_sha256).values()}
 
     def verify(self, uri: str, expected_sha256: str) -> bool:
         """Re-download and hash the object; False if it differs or is missing."""

@@ -424,10 +424,11 @@ def acquire_gate_lock(model_name: str, timeout_s: float = 900.0, stale_s: float 
             tags = dict(_client().get_registered_model(lock).tags)
         except MlflowException:
             continue  # released meanwhile
-        other, since = tags.get("defectops.lock.holder", ""), float(tags.get("defectops.lock.since", "0") or 0)
+        other, since_text = tags.get("defectops.lock.holder", ""), tags.get("defectops.lock.since", "0")
+        since = float(since_text or 0)
         if _holder_gone(other) or time.time() - since > stale_s:
             logger.warning("%s: breaking a stale promotion lock held by %s", model_name, other)
-            _delete_lock(lock)
+            break_stale_lock(lock, other, since_text)
             continue
         if time.monotonic() > deadline:
             raise RegistryError(f"{model_name}: promotion lock {lock} still held by {other} after {timeout_s:.0f} s")
@@ -444,11 +445,55 @@ def release_gate_lock(model_name: str, holder: str) -> None:
         pass
 
 
+BREAKER_STALE_S = 60.0
+
+
+def break_stale_lock(lock: str, holder: str, since: str) -> bool:
+    """Compare-and-delete: delete `lock` only if it is still the one seen (same holder and `since` tags).
+    Breakers take turns through the registered model `<lock>.break` (created once), so a waiter that read
+    the stale lock cannot delete the fresh lock another waiter took meanwhile. A `.break` left by a process
+    that died inside this short section is removed after BREAKER_STALE_S. -> True if `lock` was deleted."""
+    breaker = lock + ".break"
+    try:
+        _client().create_registered_model(breaker, tags={"defectops.lock.since": f"{time.time():.3f}"})
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        try:
+            started = float(_client().get_registered_model(breaker).tags.get("defectops.lock.since", "0") or 0)
+        except MlflowException:
+            return False
+        if time.time() - started > BREAKER_STALE_S:
+            _delete_lock(breaker)
+        return False
+    try:
+        tags = dict(_client().get_registered_model(lock).tags)
+        if tags.get("defectops.lock.holder") != holder or tags.get("defectops.lock.since") != since:
+            return False
+        _delete_lock(lock)
+        return True
+    except MlflowException:
+        return False
+    finally:
+        _delete_lock(breaker)
+
+
 def _delete_lock(lock: str) -> None:
     try:
         _client().delete_registered_model(lock)
     except MlflowException:
         pass
+
+
+def registered_model_names() -> list[str]:
+    """Every registered model of the registry except the gate locks (paginated)."""
+    names, token = [], None
+    while True:
+        page = _client().search_registered_models(max_results=200, page_token=token)
+        names += [m.name for m in page if not m.name.endswith((GATE_LOCK_SUFFIX, GATE_LOCK_SUFFIX + ".break"))]
+        token = page.token
+        if not token:
+            return sorted(names)
 
 
 def list_versions(model_name: str) -> list[dict[str, Any]]:

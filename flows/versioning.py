@@ -191,11 +191,31 @@ def _has_head(repo: Path) -> bool:
                           capture_output=True).returncode == 0
 
 
-def push(registry: Path, target: str, attempts: int = 2, delay_s: float = 3.0) -> None:
-    """`dvc push` of one .dvc file to the `store` remote; the network step, so retried once."""
+PUSH_TIMEOUT_ENV = "DEFECTOPS_DVC_PUSH_TIMEOUT_S"
+PUSH_TIMEOUT_S = 300.0
+
+
+def push_timeout_s(env: Mapping[str, str] | None = None) -> float:
+    """Seconds one `dvc push` may take: DEFECTOPS_DVC_PUSH_TIMEOUT_S, else 300 (a hung store fails then)."""
+    text = (os.environ if env is None else env).get(PUSH_TIMEOUT_ENV, "").strip()
+    if not text:
+        return PUSH_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise ValueError(f"{PUSH_TIMEOUT_ENV}={text!r}: expected seconds, more than 0 and less than a day")
+    return value
+
+
+def push(registry: Path, target: str, attempts: int = 2, delay_s: float = 3.0, timeout_s: float | None = None) -> None:
+    """`dvc push` of one .dvc file to the `store` remote; the network step, so retried once; each attempt
+    bounded by `timeout_s` (default: push_timeout_s())."""
+    timeout = push_timeout_s() if timeout_s is None else timeout_s
     for attempt in range(1, attempts + 1):
         try:
-            _dvc(registry, "push", "-q", "-r", REMOTE, target, timeout=900)
+            _dvc(registry, "push", "-q", "-r", REMOTE, target, timeout=timeout)
             return
         except VersioningError as exc:
             if attempt == attempts:

@@ -69,6 +69,34 @@ def service_token(root: Path, env: dict[str, str] | None = None) -> str:
     return token
 
 
+SERVICE_SECRETS_FILE = "service-secrets.json"
+SERVICE_SECRET_NAMES = ("seaweedfs_write_jwt", "seaweedfs_read_jwt", "filer_write_jwt", "filer_read_jwt",
+                    "mlflow_password", "mlflow_flask_secret", "prefect_password")
+
+
+def service_secrets(root: Path) -> dict[str, str]:
+    """The keys that close the local services' side doors, generated once into ``ROOT/service-secrets.json``
+    (0600): SeaweedFS's JWT signing keys (volume and filer, read and write: its filer and volume HTTP ports
+    refuse unsigned requests), the MLflow admin password and Flask secret (basic-auth app), the Prefect API
+    password (``PREFECT_SERVER_API_AUTH_STRING``). Keys missing from an older file are added to it."""
+    path = root / SERVICE_SECRETS_FILE
+    data: dict[str, str] = {}
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        try:
+            data = {k: str(v) for k, v in json.loads(path.read_text()).items()}
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{path}: not a JSON object of secrets; fix or delete it (new ones are then "
+                             "generated, and the services must be restarted)") from None
+    missing = [name for name in SERVICE_SECRET_NAMES if not data.get(name)]
+    if missing:
+        data.update({name: secrets.token_urlsafe(32) for name in missing})
+        write_private_json(path, data)
+        logger.info("generated %d service secrets in %s (mode 0600)", len(missing), path)
+    return data
+
+
 def _read(path: Path) -> Credentials:
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)

@@ -25,8 +25,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra import pidfile, process
-from infra.credentials import ACCESS_KEY_ENV, SECRET_KEY_ENV, Credentials, load_or_create, write_private_json
+from infra import logins, pidfile, process
+from infra.credentials import (
+    ACCESS_KEY_ENV,
+    SECRET_KEY_ENV,
+    Credentials,
+    load_or_create,
+    service_secrets,
+    write_private_json,
+)
 from infra.process import PortInUseError
 
 logger = logging.getLogger(__name__)
@@ -118,6 +125,9 @@ class ServiceState:
     secret_key: str = field(repr=False)
     mlflow_uri: str | None = None
     prefect_api_url: str | None = None
+    mlflow_username: str = ""
+    mlflow_password: str = field(default="", repr=False)
+    prefect_auth: str = field(default="", repr=False)  # "user:password" for PREFECT_API_AUTH_STRING
     pids: Mapping[str, int] = field(default_factory=dict)
     launched: tuple[str, ...] = ()
     startup_s: Mapping[str, float] = field(default_factory=dict)
@@ -133,8 +143,12 @@ def env_for_clients(state: ServiceState) -> dict[str, str]:
     })
     if state.mlflow_uri:
         env["MLFLOW_TRACKING_URI"] = state.mlflow_uri
+        if state.mlflow_password:
+            env.update(MLFLOW_TRACKING_USERNAME=state.mlflow_username, MLFLOW_TRACKING_PASSWORD=state.mlflow_password)
     if state.prefect_api_url:
         env["PREFECT_API_URL"] = state.prefect_api_url
+        if state.prefect_auth:
+            env["PREFECT_API_AUTH_STRING"] = state.prefect_auth
     return env
 
 
@@ -184,13 +198,15 @@ def _seaweedfs_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> Serv
 
 def _mlflow_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> ServiceSpec:
     home = root / MLFLOW
-    argv = (_executable("mlflow", "mlflow"), "server", "--host", cfg.host, "--port", str(cfg.mlflow_port),
+    argv = (_executable("mlflow", "mlflow"), "server", "--app-name", "basic-auth",
+            "--host", cfg.host, "--port", str(cfg.mlflow_port),
             "--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
             "--artifacts-destination", f"s3://{cfg.bucket}/mlflow", "--serve-artifacts")
     env = _base_env(root, MLFLOW)
     env.update(MLFLOW_S3_ENDPOINT_URL=_url(cfg, cfg.s3_port), AWS_ACCESS_KEY_ID=creds.access_key,
                AWS_SECRET_ACCESS_KEY=creds.secret_key, AWS_DEFAULT_REGION="us-east-1",
-               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_AUTH_CONFIG_PATH=str(home / "auth.ini"),
+               MLFLOW_FLASK_SERVER_SECRET_KEY=service_secrets(root)["mlflow_flask_secret"])
     url = _url(cfg, cfg.mlflow_port)
     return ServiceSpec(MLFLOW, argv, cfg.mlflow_port, url, f"{url}/health", root / "logs" / "mlflow.log", home, env)
 
@@ -204,8 +220,12 @@ def _prefect_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> Servic
     env = _base_env(root, PREFECT)
     # The UI reads its API address from /ui-settings, which otherwise says http://127.0.0.1:4200/api
     # whatever --port is: on any other port the UI would talk to nothing (or to another server).
+    # Every API call needs the login (the UI asks for it); CORS only for the server's own origin. Prefect
+    # 3.8 has no allowed-hosts setting: any Host header is accepted, which the login makes harmless.
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=url,
-               PREFECT_SERVER_API_HOST=cfg.host, PREFECT_SERVER_API_PORT=str(cfg.prefect_port))
+               PREFECT_SERVER_API_HOST=cfg.host, PREFECT_SERVER_API_PORT=str(cfg.prefect_port),
+               PREFECT_SERVER_API_AUTH_STRING=f"{logins.PREFECT_USER}:{service_secrets(root)['prefect_password']}",
+               PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS=_url(cfg, cfg.prefect_port))
     return ServiceSpec(PREFECT, argv, cfg.prefect_port, url, f"{url}/health", root / "logs" / "prefect.log",
                        home, env)
 
@@ -240,6 +260,9 @@ def _prepare(cfg: ServicesConfig, name: str, root: Path, creds: Credentials) -> 
         identity = {"name": "defectops", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
                     "credentials": [{"accessKey": creds.access_key, "secretKey": creds.secret_key}]}
         write_private_json(spec.cwd / "s3.json", {"identities": [identity]})
+        logins.write_private_text(spec.cwd / "security.toml", logins.seaweedfs_security(service_secrets(root)))
+    if name == MLFLOW:
+        logins.write_private_text(spec.cwd / "auth.ini", logins.mlflow_auth_ini(spec.cwd, service_secrets(root)))
     return spec
 
 
@@ -332,11 +355,14 @@ def _check_reused_ports(cfg: ServicesConfig, records: Mapping[str, dict]) -> Non
 
 
 def _state(cfg, root, creds, records, launched, startup) -> ServiceState:
+    secrets = service_secrets(root)
     return ServiceState(
         root=root, bucket=cfg.bucket, s3_endpoint=records[SEAWEEDFS]["url"] if SEAWEEDFS in records else "",
         access_key=creds.access_key, secret_key=creds.secret_key,
         mlflow_uri=records[MLFLOW]["url"] if MLFLOW in records else None,
         prefect_api_url=records[PREFECT]["url"] if PREFECT in records else None,
+        mlflow_username=logins.MLFLOW_USER, mlflow_password=secrets["mlflow_password"],
+        prefect_auth=f"{logins.PREFECT_USER}:{secrets['prefect_password']}",
         pids={n: r["pid"] for n, r in records.items()}, launched=launched, startup_s=startup)
 
 

@@ -14,6 +14,10 @@ Fixtures (the session ones share one root, so SeaweedFS starts once even when bo
 - ``isolated_services`` (function): a factory ``(services=("seaweedfs",)) -> ServicesConfig`` with its
   own root and free ports, for tests that stop or break a server; whatever it started is stopped after.
 
+Every root these fixtures start shares one set of service logins (``service-secrets.json`` seeded before the
+first start), and ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` and ``PREFECT_API_AUTH_STRING`` are set for the
+session, so in-process clients (``tracking.configure(state.mlflow_uri)``) authenticate against any of them.
+
 Tests using these fixtures are marked ``services`` automatically. Set DEFECTOPS_TEST_START_TIMEOUT_S to
 change the start-up timeout (default 180 s: the machine's cores are shared).
 """
@@ -21,6 +25,7 @@ change the start-up timeout (default 180 s: the machine's cores are shared).
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +33,8 @@ from pathlib import Path
 import pytest
 
 from flows.storage import ObjectStore
+from infra.credentials import SERVICE_SECRET_NAMES, SERVICE_SECRETS_FILE, write_private_json
+from infra.logins import MLFLOW_USER, PREFECT_USER
 from infra.process import find_free_ports
 from infra.services import ALL_SERVICES, ServicesConfig, ServiceState, env_for_clients, start, stop
 
@@ -41,8 +48,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.services)
 
 
+_LOGINS = {name: secrets.token_urlsafe(32) for name in SERVICE_SECRET_NAMES}
+
+
+# In the environment from the start (before Prefect, imported at collection, reads its settings).
+os.environ.update(MLFLOW_TRACKING_USERNAME=MLFLOW_USER, MLFLOW_TRACKING_PASSWORD=_LOGINS["mlflow_password"],
+                  PREFECT_API_AUTH_STRING=f"{PREFECT_USER}:{_LOGINS['prefect_password']}")
+
+
+def _seed_logins(root: Path) -> None:
+    """The session's service logins in `root`, before its first start."""
+    if not (root / SERVICE_SECRETS_FILE).exists():
+        write_private_json(root / SERVICE_SECRETS_FILE, _LOGINS)
+
+
 def make_config(root: Path, services: tuple[str, ...] = ("seaweedfs",)) -> ServicesConfig:
-    """A config with its own root, fresh credentials (not the caller's env) and three free ports."""
+    """A config with its own root, fresh S3 credentials (not the caller's env), the session's service logins
+    and three free ports."""
+    _seed_logins(root)
     s3_port, mlflow_port, prefect_port = find_free_ports("127.0.0.1", 3)
     return ServicesConfig(root=root, s3_port=s3_port, mlflow_port=mlflow_port, prefect_port=prefect_port,
                           access_key="", secret_key="", bucket="defectops-test",

@@ -18,26 +18,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
+from components.method_config import TrainedMethodConfig
+from components.type_aliases import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
+
 ENCODERS = ("vit", "cnn-variant")
 
 
-class DinomalyConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class DinomalyConfig(TrainedMethodConfig):
+    """seed, threads, smoothing_sigma, checkpoint_every, device: components.method_config."""
 
     # ---- encoder
-    encoder: Literal["vit", "cnn-variant"] = "vit"
+    # Defaults are the CPU-sized ones params.yaml ships (tests/unit/test_config.py checks they agree); the
+    # paper's: encoder vit (DINOv2 weights), cnn_token_level 1, iterations 10000, batch 16, warm-up 100.
+    encoder: Literal["vit", "cnn-variant"] = "cnn-variant"
     vit_name: str = "vit_base_patch14_reg4_dinov2"
     vit_weights: Literal["auto", "file", "hub", "random"] = "auto"
     vit_weights_file: Path | None = None
     target_layers: tuple[NonNegativeInt, ...] = (2, 3, 4, 5, 6, 7, 8, 9)
     cnn_layers: tuple[NonNegativeInt, ...] = (1, 2, 3)
-    cnn_token_level: NonNegativeInt = 1
+    cnn_token_level: NonNegativeInt = 2
     cnn_normalize_levels: bool = True
+    # blocks: each stage in its own channel block (default, as before: a group mean is a concatenation) |
+    # shared: every stage mapped into the same channels by a fixed isometry (groups overlap, as the paper's)
+    cnn_embedding: Literal["blocks", "shared"] = "blocks"
+    # ViT: drop = CLS/register tokens dropped before the bottleneck (default, as before) | decode = passed
+    # through bottleneck and decoder and stripped at the output (the official ViTill)
+    vit_prefix_tokens: Literal["drop", "decode"] = "drop"
     # ---- bottleneck and decoder
     num_groups: PositiveInt = 2
     decoder_depth: PositiveInt = 8
@@ -50,25 +58,21 @@ class DinomalyConfig(BaseModel):
     mining_factor: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     mining_ramp: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     # ---- optimisation
-    iterations: PositiveInt = 10_000
-    batch_size: PositiveInt = 16
+    iterations: PositiveInt = 150
+    batch_size: PositiveInt = 8
     lr: PositiveFloat = 2e-3
     final_lr: Annotated[float, Field(ge=0.0)] = 2e-4
-    warmup_steps: NonNegativeInt = 100
+    warmup_steps: NonNegativeInt = 15
     weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     eps: PositiveFloat = 1e-10
     amsgrad: bool = True
     grad_clip_norm: Annotated[float, Field(ge=0.0)] = 0.1
     seed: int = 1
-    checkpoint_every: NonNegativeInt = 0
     cache_features: bool = True
     cache_max_mb: PositiveInt = 4096
-    # ---- scoring and runtime
-    smoothing_sigma: Annotated[float, Field(ge=0.0)] = 4.0
-    top_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: NonNegativeInt = 0
+    # ---- scoring
+    top_ratio: Fraction = 0.01
 
     @model_validator(mode="after")
     def _consistent(self) -> DinomalyConfig:

@@ -35,6 +35,7 @@ from components.dinomaly.encoders import (
 from components.dinomaly.loss import anomaly_map
 from components.dinomaly.model import DinomalyNet
 from components.torch_detector import TorchDetector, seeded
+from components.type_aliases import LogStepFn
 
 logger = logging.getLogger(__name__)
 LINE_THRESHOLDS = "line_thresholds.json"
@@ -42,6 +43,8 @@ LINE_THRESHOLDS = "line_thresholds.json"
 
 @register_detector("dinomaly")
 class Dinomaly(TorchDetector):
+    """Capabilities (components.capabilities): StepTrained, MultiLine (`for_line`, unified models)."""
+
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.net_: DinomalyNet | None = None
@@ -59,7 +62,7 @@ class Dinomaly(TorchDetector):
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(self, images: ImageInput, progress: ProgressFn | None = None,
-            log_step: trainer.LogStepFn | None = None, checkpoint_dir: str | Path | None = None) -> Dinomaly:
+            log_step: LogStepFn | None = None, checkpoint_dir: str | Path | None = None) -> Dinomaly:
         """Train on good images (N, 3, H, W) in [0, 1] (a tensor or an iterable of batches).
 
         log_step(step, {"loss", "lr", "mining_quantile", "grad_norm", "loss_group<g>"}) after every step;
@@ -144,7 +147,7 @@ class Dinomaly(TorchDetector):
                 from None
         det.net_ = net.eval()
         det.encoder_desc_ = desc
-        det.weights_ = WeightsInfo(desc["weights_source"], desc["weights_location"], desc["weights_sha256"])
+        det.weights_ = WeightsInfo.from_record(desc)
         if LINE_THRESHOLDS in files:
             from components.thresholds import Threshold
 

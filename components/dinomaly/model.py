@@ -21,7 +21,8 @@ LAYER_NORM_EPS = 1e-8  # the reference decoder's LayerNorm epsilon
 
 # ------------------------------------------------------------------------------------------- encoders
 class TokenLayers(NamedTuple):
-    """Encoder output: `layers` is a list of L tensors (B, N, D) (prefix tokens removed); grid (h, w), h*w = N."""
+    """Encoder output: `layers` is a list of L tensors (B, P + N, D), P prefix (CLS/register) tokens first
+    (P = 0 unless the ViT encoder keeps them); grid (h, w), h*w = N."""
 
     layers: list[torch.Tensor]
     grid: tuple[int, int]
@@ -37,10 +38,12 @@ class ViTEncoder(nn.Module):
 
     kind = "vit"
 
-    def __init__(self, vit: nn.Module, layers: tuple[int, ...], mean: tuple, std: tuple) -> None:
+    def __init__(self, vit: nn.Module, layers: tuple[int, ...], mean: tuple, std: tuple,
+                 keep_prefix: bool = False) -> None:
         super().__init__()
         self.vit = vit
         self.layers = tuple(int(i) for i in layers)
+        self.keep_prefix = keep_prefix  # True: CLS/register tokens kept in front (the official ViTill)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.embed_dim = int(vit.embed_dim)
@@ -57,7 +60,10 @@ class ViTEncoder(nn.Module):
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         x = (images - self.mean) / self.std
         layers = self.vit.forward_intermediates(x, indices=list(self.layers), output_fmt="NLC",
-                                                intermediates_only=True, stop_early=True)
+                                                intermediates_only=True, stop_early=True,
+                                                return_prefix_tokens=self.keep_prefix)
+        if self.keep_prefix:  # (patch tokens, prefix tokens) per layer -> prefix first, as the ViT holds them
+            layers = [torch.cat([prefix, patches], dim=1) for patches, prefix in layers]
         return TokenLayers(list(layers), (size[0] // self.patch_size, size[1] // self.patch_size))
 
 
@@ -66,20 +72,35 @@ class CNNTokenEncoder(nn.Module):
 
     forward: images (B, 3, H, W) in [0, 1] -> TokenLayers with one layer per CNN stage, on the grid of
     stage `token_level` (finer stages area-averaged down, coarser ones bilinearly up). Each stage (C_l
-    channels, L2-normalised per token when `normalize`) sits in its own channel block of a common space of
-    D = sum C_l channels, zeros elsewhere: a stage's token keeps its own cosine geometry, the mean over
-    stages is their (scaled) concatenation, and a group sum is the concatenation of the group's stages.
+    channels, L2-normalised per token when `normalize`) is embedded in a common space of D channels.
+    embedding "blocks" (default): its own channel block of D = sum C_l, zeros elsewhere: a stage's token keeps
+    its own cosine geometry, but the mean over stages is their (scaled) concatenation, so a group "mean" loses
+    nothing and the loose constraint is not loose on the encoder side. embedding "shared" (the paper's
+    overlapping groups, declared equivalent): every stage is mapped into the same D = max C_l channels by a
+    fixed, seeded isometry (a D x C_l matrix with orthonormal columns, `projections`): each stage keeps its
+    cosine geometry exactly, and a group mean mixes its stages in shared dimensions as a ViT's layers do in its
+    residual stream.
     """
 
     kind = "cnn-variant"
 
-    def __init__(self, extractor: FeatureExtractor, token_level: int, normalize: bool = True) -> None:
+    def __init__(self, extractor: FeatureExtractor, token_level: int, normalize: bool = True,
+                 embedding: str = "blocks", projections: list[torch.Tensor] | None = None) -> None:
         super().__init__()
         self.extractor = extractor
         self.token_level = token_level
         self.normalize = normalize
         self.channels = list(extractor.channels)
-        self.embed_dim = sum(self.channels)
+        self.embedding = embedding
+        if embedding == "blocks":
+            self.embed_dim = sum(self.channels)
+        elif embedding == "shared":
+            self.embed_dim = max(self.channels)
+            mats = projections if projections is not None else isometries(self.channels, self.embed_dim)
+            for i, m in enumerate(mats):
+                self.register_buffer(f"projection{i}", m.float())
+        else:
+            raise ValueError(f"cnn embedding {embedding!r}: expected 'blocks' or 'shared'")
         self.num_heads = None
 
     def forward(self, images: torch.Tensor) -> TokenLayers:
@@ -94,11 +115,30 @@ class CNNTokenEncoder(nn.Module):
                     F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             if self.normalize:
                 f = F.normalize(f, dim=1)
+            if self.embedding == "shared":  # (B, C_l, h, w) -> (B, N, D) through the stage's isometry
+                out.append(f.flatten(2).transpose(1, 2) @ self.projections()[len(out)].T)
+                continue
             tokens = f.new_zeros(b, d, *grid)
             tokens[:, start:start + f.shape[1]] = f
             start += f.shape[1]
             out.append(tokens.flatten(2).transpose(1, 2))
         return TokenLayers(out, grid)
+
+    def projections(self) -> list[torch.Tensor]:
+        """embedding "shared": the (D, C_l) isometry of each stage ([] for "blocks")."""
+        return [getattr(self, f"projection{i}") for i in range(len(self.channels))] \
+            if self.embedding == "shared" else []
+
+
+def isometries(channels: list[int], dim: int, seed: int = 0) -> list[torch.Tensor]:
+    """One (dim, C) matrix with orthonormal columns per C in channels (C <= dim), seeded (QR of a Gaussian,
+    signs fixed by R's diagonal): x -> M @ x keeps lengths and angles."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for c in channels:
+        q, r = torch.linalg.qr(torch.randn(dim, c, generator=generator, dtype=torch.float64))
+        out.append((q * torch.sign(torch.diagonal(r))).float())
+    return out
 
 
 # --------------------------------------------------------------------------------- bottleneck, decoder
@@ -261,9 +301,11 @@ class DinomalyNet(nn.Module):
 
 
 def _group_map(layers: list[torch.Tensor], group: list[int], grid: tuple[int, int]) -> torch.Tensor:
-    """Mean of layers[i] (B, N, D) for i in group -> (B, D, h, w)."""
+    """Mean of layers[i] (B, P + N, D) for i in group, its P = (tokens - h*w) leading prefix tokens stripped
+    (as the official ViTill strips CLS/register tokens at the output) -> (B, D, h, w)."""
     mean = torch.stack([layers[i] for i in group], dim=1).mean(dim=1)
     b, n, d = mean.shape
-    if n != math.prod(grid):
+    cells = math.prod(grid)
+    if n < cells:
         raise ValueError(f"{n} tokens do not fill a {grid} grid")
-    return mean.transpose(1, 2).reshape(b, d, *grid)
+    return mean[:, n - cells:].transpose(1, 2).reshape(b, d, *grid)

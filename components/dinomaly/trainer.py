@@ -6,16 +6,16 @@ permutation per epoch, last partial batch dropped as in the reference), and drop
 torch RNG, seeded at the start and saved in every checkpoint. A resumed run therefore continues exactly as
 the uninterrupted run would have.
 
-Checkpoints (components.checkpoints): the trainable weights, the optimiser's state and the RNG state, with
-the fingerprint of config, encoder weights and training images; one of another run is ignored (logged).
+The loop (resume, checkpoint every `checkpoint_every` steps, log_step, progress) is components.train_loop's;
+the step (`train_step`) is Dinomaly's. Checkpoints (components.checkpoints): the trainable weights, the
+optimiser's state and the RNG state, with the fingerprint of config, encoder weights and training images; one
+of another run is ignored (logged).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,11 +26,10 @@ from components.detector import ProgressFn
 from components.dinomaly.config import DinomalyConfig
 from components.dinomaly.loss import loose_loss, mining_quantile_at
 from components.dinomaly.model import DinomalyNet, Encoded
+from components.train_loop import TrainingRun
+from components.type_aliases import LogStepFn
 
 logger = logging.getLogger(__name__)
-
-LogStepFn = Callable[[int, dict[str, float]], None]
-"""log_step(step, metrics): called after every optimiser step (1-based) with loss, per-group losses, lr."""
 
 
 def warm_cosine_lr(step: int, base: float, final: float, total: int, warmup: int) -> float:
@@ -44,8 +43,7 @@ def warm_cosine_lr(step: int, base: float, final: float, total: int, warmup: int
 
 def fingerprint(params: DinomalyConfig, encoder_sha256: str, images: torch.Tensor) -> str:
     """What a checkpoint must match to be resumed: training hyperparameters, encoder weights, the images."""
-    runtime = {"checkpoint_every", "threads", "device"}
-    return checkpoints.run_fingerprint(params, runtime, encoder_sha256, images)
+    return checkpoints.run_fingerprint(params, set(DinomalyConfig.RUNTIME_FIELDS), encoder_sha256, images)
 
 
 def make_optimizer(net: DinomalyNet, params: DinomalyConfig) -> torch.optim.AdamW:
@@ -59,48 +57,45 @@ def train(net: DinomalyNet, images: torch.Tensor, params: DinomalyConfig, device
     """Train net's bottleneck and decoder on images (N, 3, H, W) (any float dtype, kept on the CPU).
 
     `run_key` is the fingerprint of this run (see `fingerprint`). The caller seeds the global RNG (dropout)
-    and initialises the weights. Returns statistics: steps run here, resumed step, seconds, last loss.
+    and initialises the weights. log_step(step, {"loss", "lr", "mining_quantile", "grad_norm",
+    "loss_group<g>"}). Returns statistics: steps run here, resumed step, seconds, last loss.
     """
     optimizer = make_optimizer(net, params)
-    modules, optimizers = {"net": net.trainable_modules()}, {"net": optimizer}
-    start = 0
-    if checkpoint_dir is not None:
-        start = checkpoints.restore_checkpoint(checkpoint_dir, "dinomaly", run_key, modules, optimizers, device)
+    run = TrainingRun("dinomaly", run_key, params.iterations, {"net": net.trainable_modules()},
+                      {"net": optimizer}, device, params.checkpoint_every, checkpoint_dir, save_rng=True)
+    start = run.resume()
     trainable = list(net.trainable_modules().parameters())
-    t0, last = time.perf_counter(), float("nan")
     cache = encode_all(net, images, params, device) if start < params.iterations else None
     net.train()
-    for step in range(start, params.iterations):
-        idx = checkpoints.batch_indices(step, images.shape[0], params.batch_size, params.seed)
-        encoded = _select(cache, idx) if cache is not None else \
-            net.encode(images[idx].to(device=device, dtype=torch.float32))
-        quantile = mining_quantile_at(step, params.iterations, params.mining_quantile, params.mining_ramp)
-        decoded = net.decode(encoded.fused, encoded.grid)
-        loss, group_losses = loose_loss(encoded.targets, decoded, quantile, params.mining_factor)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(trainable, params.grad_clip_norm) if params.grad_clip_norm > 0 \
-            else torch.tensor(float("nan"))
-        lr = warm_cosine_lr(step, params.lr, params.final_lr, params.iterations, params.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        last = float(loss.item())
-        done = step + 1
-        due = checkpoints.checkpoint_due(done, params.checkpoint_every, params.iterations)
-        if checkpoint_dir is not None and due:
-            checkpoints.save_checkpoint(checkpoint_dir, "dinomaly", done, run_key, modules, optimizers,
-                                        rng_device=device)
-        if log_step is not None:
-            metrics = {"loss": last, "lr": lr, "mining_quantile": quantile, "grad_norm": float(grad_norm)}
-            metrics.update({f"loss_group{g}": float(v) for g, v in enumerate(group_losses.tolist())})
-            log_step(done, metrics)
-        if progress is not None:
-            progress("train", done, params.iterations)
+    last = run.run(lambda step: train_step(net, optimizer, trainable, images, cache, params, device, step),
+                   progress, log_step)
     net.eval()
-    return {"iterations": float(params.iterations), "resumed_from_step": float(start),
-            "steps_run": float(params.iterations - start), "train_s": time.perf_counter() - t0,
-            "final_loss": last, "feature_cache": float(cache is not None)}
+    return {**run.stats(), "final_loss": last.get("loss", float("nan")),
+            "feature_cache": float(cache is not None)}
+
+
+def train_step(net: DinomalyNet, optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter],
+               images: torch.Tensor, cache: Encoded | None, params: DinomalyConfig, device: torch.device,
+               step: int) -> dict[str, float]:
+    """One optimiser step (0-based `step`) on its seeded batch of images (N, 3, H, W) or of the encoder cache.
+    -> the step's metrics."""
+    idx = checkpoints.batch_indices(step, images.shape[0], params.batch_size, params.seed)
+    encoded = _select(cache, idx) if cache is not None else \
+        net.encode(images[idx].to(device=device, dtype=torch.float32))
+    quantile = mining_quantile_at(step, params.iterations, params.mining_quantile, params.mining_ramp)
+    decoded = net.decode(encoded.fused, encoded.grid)
+    loss, group_losses = loose_loss(encoded.targets, decoded, quantile, params.mining_factor)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(trainable, params.grad_clip_norm) if params.grad_clip_norm > 0 \
+        else torch.tensor(float("nan"))
+    lr = warm_cosine_lr(step, params.lr, params.final_lr, params.iterations, params.warmup_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    metrics = {"loss": float(loss.item()), "lr": lr, "mining_quantile": quantile, "grad_norm": float(grad_norm)}
+    metrics.update({f"loss_group{g}": float(v) for g, v in enumerate(group_losses.tolist())})
+    return metrics
 
 
 def encode_all(net: DinomalyNet, images: torch.Tensor, params: DinomalyConfig,

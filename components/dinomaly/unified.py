@@ -20,8 +20,8 @@ from components.config import Config
 from components.data import LineSplit, scan_line, split_calibration
 from components.detector import ProgressFn
 from components.dinomaly.detector import Dinomaly
-from components.dinomaly.trainer import LogStepFn
 from components.training import image_stream, score_samples
+from components.type_aliases import LogStepFn
 
 logger = logging.getLogger(__name__)
 

@@ -5,31 +5,32 @@ a U-Net whose skip connections (and bottleneck) pass through multi-scale block-w
 with an L2 reconstruction loss, an adversarial loss and a feature-alignment loss.
 
 Defaults are sized for a 2-core CPU (128 px working resolution inside the detector, 200 steps of batch 8);
-params.yaml gives the paper's values in [brackets]. Here the alignment features come from a frozen offline
-ImageNet backbone (the `backbone` section); the paper aligns the discriminator's latent features instead.
+params.yaml gives the paper's values in [brackets]. By default the alignment features come from a frozen
+offline ImageNet backbone (the `backbone` section); `align_features: discriminator` aligns the
+discriminator's latent features instead, as the paper does. `image_size: 0` makes the working resolution
+follow data.image_size.
 
 This module imports nothing from components.config (which imports it): no cycle. That is why it derives
-from pydantic's BaseModel with the same frozen/forbid settings as components.config.Section.
+from components.method_config (frozen, unknown keys rejected, as components.config.Section).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+from components.method_config import TrainedMethodConfig
+from components.type_aliases import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-class DivideAssembleConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class DivideAssembleConfig(TrainedMethodConfig):
+    """seed, threads, smoothing_sigma, checkpoint_every, device: components.method_config."""
 
     # ---- generator: U-Net with block-wise memory on every skip connection and the bottleneck
-    image_size: PositiveInt = 128
+    image_size: NonNegativeInt = 128  # 0: follow data.image_size (square)
     channels: tuple[PositiveInt, ...] = (8, 16, 32, 64)
     norm_groups: PositiveInt = 4
     memory_size: PositiveInt = 64
@@ -43,20 +44,18 @@ class DivideAssembleConfig(BaseModel):
     rec_weight: NonNegativeFloat = 1.0
     adv_weight: NonNegativeFloat = 0.01
     align_weight: NonNegativeFloat = 0.1
+    # ---- whose features are aligned (training loss and score): "imagenet" = the frozen `backbone` section
+    # (default, as before), "discriminator" = the patch discriminator's latent features (the paper's way)
+    align_features: Literal["imagenet", "discriminator"] = "imagenet"
     # ---- optimisation (Adam for both networks, constant learning rates)
     iterations: PositiveInt = 200
     batch_size: PositiveInt = 8
     lr: PositiveFloat = 1e-3
     lr_d: PositiveFloat = 2e-4
     betas: tuple[Beta, Beta] = (0.5, 0.999)
-    seed: int = 0
-    checkpoint_every: NonNegativeInt = 0
-    # ---- scoring and runtime
+    # ---- scoring
     score_align_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
-    smoothing_sigma: NonNegativeFloat = 4.0
-    top_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: NonNegativeInt = 0
+    top_ratio: Fraction = 0.01
 
     @model_validator(mode="after")
     def _consistent(self) -> DivideAssembleConfig:
@@ -83,4 +82,23 @@ class DivideAssembleConfig(BaseModel):
     @property
     def level_sizes(self) -> list[int]:
         """Side of the square feature map at each U-Net level: image_size / 2**level (floored)."""
-        return [self.image_size // 2 ** level for level in range(len(self.channels))]
+        return level_sizes(self.image_size, len(self.channels))
+
+    def working_size(self, data_size: tuple[int, int]) -> int:
+        """The square working side: image_size, or data.image_size (H, W) when image_size is 0 (ValueError
+        when that is not square or not divisible as the U-Net needs)."""
+        if self.image_size:
+            return self.image_size
+        h, w = data_size
+        if h != w:
+            raise ValueError(f"divide_assemble image_size 0 follows data.image_size, which must be square; got {h}x{w}")
+        for level, size in enumerate(level_sizes(h, len(self.channels))):
+            if any(size % b for b in self.block_sizes):
+                raise ValueError(f"data.image_size {h}: U-Net level {level} is {size} px, not divisible by "
+                                 f"block sizes {list(self.block_sizes)}")
+        return h
+
+
+def level_sizes(image_size: int, levels: int) -> list[int]:
+    """image_size / 2**level (floored) for each of `levels` U-Net levels."""
+    return [image_size // 2 ** level for level in range(levels)]

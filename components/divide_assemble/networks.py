@@ -73,3 +73,24 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images * 2.0 - 1.0)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The latent features: each strided level's activation, len(channels) x (B, C_l, H / 2**(l+1), ...)."""
+        x, out = images * 2.0 - 1.0, []
+        for layer in self.net[:-1]:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                out.append(x)
+        return out
+
+
+class DiscriminatorFeatures(nn.Module):
+    """The discriminator's latent features as an alignment extractor (the paper's alignment): images (B, 3, H,
+    W) -> PatchDiscriminator.features. Holds the discriminator (shared with training, not a copy)."""
+
+    def __init__(self, disc: PatchDiscriminator) -> None:
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.disc.features(images)

@@ -1,22 +1,23 @@
 """Divide-and-Assemble's adversarial training loop, with per-step callbacks and resumable checkpoints.
 
 Each step: one discriminator update (LSGAN on real images and detached reconstructions), then one generator
-update on rec_weight * L2 + adv_weight * LSGAN + align_weight * feature alignment (frozen extractor).
+update on rec_weight * L2 + adv_weight * LSGAN + align_weight * feature alignment (the `extractor`: a frozen
+ImageNet one, or the discriminator's latent features, frozen during the generator's update).
 Both optimisers are Adam with constant learning rates.
 
 Determinism: batches are a pure function of (seed, step) (components.checkpoints.batch_indices), the
 networks have no dropout and no running statistics, and the RNG state is saved anyway. A resumed run
 therefore continues exactly as the uninterrupted run would have.
 
-Checkpoints (components.checkpoints): both networks, both optimisers' state (named "g" and "d") and the RNG
-state, with the fingerprint of config, extractor weights and training images; one of another run is ignored.
+The loop (resume, checkpoint every `checkpoint_every` steps, log_step, progress) is components.train_loop's;
+the step is `train_step`. Checkpoints (components.checkpoints): both networks, both optimisers' state (named
+"g" and "d") and the RNG state, with the fingerprint of config, extractor weights and training images; one of
+another run is ignored.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,16 +36,15 @@ from components.divide_assemble.losses import (
     reconstruction_map,
 )
 from components.divide_assemble.networks import Generator, PatchDiscriminator
+from components.train_loop import TrainingRun
+from components.type_aliases import LogStepFn
 
 logger = logging.getLogger(__name__)
-
-LogStepFn = Callable[[int, dict[str, float]], None]
-"""log_step(step, metrics): after every step (1-based): loss_g, loss_d, loss_rec, loss_adv, loss_align, lr."""
 
 
 def fingerprint(params: DivideAssembleConfig, extractor_sha256: str, images: torch.Tensor) -> str:
     """What a checkpoint must match to be resumed: training hyperparameters, extractor weights, the images."""
-    runtime = {"checkpoint_every", "threads", "device", "smoothing_sigma", "top_ratio", "score_align_weight"}
+    runtime = {*DivideAssembleConfig.RUNTIME_FIELDS, "smoothing_sigma", "top_ratio", "score_align_weight"}
     return checkpoints.run_fingerprint(params, runtime, extractor_sha256, images)
 
 
@@ -61,35 +61,25 @@ def train(gen: Generator, disc: PatchDiscriminator, extractor: FeatureExtractor,
     """Train gen and disc on images (N, 3, S, S) in [0, 1] at the working size S (kept on the CPU).
 
     `run_key` is the fingerprint of this run (see `fingerprint`); the caller seeds the weights' initialisation.
-    Returns statistics: steps run here, resumed step, seconds, last losses.
+    log_step(step, {"loss_g", "loss_d", "loss_rec", "loss_adv", "loss_align", "lr"}). Returns statistics:
+    steps run here, resumed step, seconds, last losses.
     """
     optimizers = make_optimizers(gen, disc, params)
-    modules = {"generator": gen, "discriminator": disc}
-    start = 0
-    if checkpoint_dir is not None:
-        start = checkpoints.restore_checkpoint(checkpoint_dir, "divide_assemble", run_key, modules, optimizers,
-                                               device)
-    t0, metrics = time.perf_counter(), {}
+    run = TrainingRun("divide_assemble", run_key, params.iterations, {"generator": gen, "discriminator": disc},
+                      optimizers, device, params.checkpoint_every, checkpoint_dir, save_rng=True)
+    run.resume()
     gen.train()
     disc.train()
-    for step in range(start, params.iterations):
-        idx = checkpoints.batch_indices(step, images.shape[0], params.batch_size, params.seed)
-        metrics = train_step(gen, disc, extractor, images[idx].to(device=device, dtype=torch.float32),
-                             optimizers, params)
-        done = step + 1
-        due = checkpoints.checkpoint_due(done, params.checkpoint_every, params.iterations)
-        if checkpoint_dir is not None and due:
-            checkpoints.save_checkpoint(checkpoint_dir, "divide_assemble", done, run_key, modules, optimizers,
-                                        rng_device=device)
-        if log_step is not None:
-            log_step(done, metrics)
-        if progress is not None:
-            progress("train", done, params.iterations)
+
+    def step(i: int) -> dict[str, float]:
+        idx = checkpoints.batch_indices(i, images.shape[0], params.batch_size, params.seed)
+        return train_step(gen, disc, extractor, images[idx].to(device=device, dtype=torch.float32), optimizers,
+                          params)
+
+    metrics = run.run(step, progress, log_step)
     gen.eval()
     disc.eval()
-    return {"iterations": float(params.iterations), "resumed_from_step": float(start),
-            "steps_run": float(params.iterations - start), "train_s": time.perf_counter() - t0,
-            **{f"final_{k}": v for k, v in metrics.items() if k != "lr"}}
+    return {**run.stats(), **{f"final_{k}": v for k, v in metrics.items() if k != "lr"}}
 
 
 def train_step(gen: Generator, disc: PatchDiscriminator, extractor: FeatureExtractor, x: torch.Tensor,

@@ -12,15 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+from components.method_config import MethodConfig
+from components.type_aliases import Fraction, PositiveInt
+
 TILE_ALIGN = 32  # tile_size and tile_overlap in multiples of this (the deepest usual backbone stride)
 
 
-class PatchCoreConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class PatchCoreConfig(MethodConfig):
+    """seed, threads, smoothing_sigma: components.method_config."""
 
     patch_size: PositiveInt = 3
     patch_stride: PositiveInt = 1
@@ -34,7 +35,6 @@ class PatchCoreConfig(BaseModel):
     coreset_radius_quantile: Fraction = 0.5  # "auto": this quantile of good-to-good neighbour distances
     coreset_shards: PositiveInt | Literal["auto"] = "auto"  # >1: composable coreset over spatial shards
     projection_dim: Annotated[int, Field(ge=0)] = 128
-    seed: int = 0
     # search: auto = exact below flat_max_bank entries, else HNSW with efSearch set by a recall check at fit
     index: Literal["auto", "flat", "hnsw", "ivf", "ivfpq"] = "auto"
     index_recall: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
@@ -45,14 +45,12 @@ class PatchCoreConfig(BaseModel):
     pq_subquantizers: PositiveInt = 16
     num_neighbors: PositiveInt = 9
     image_score: Literal["reweighted", "max"] = "reweighted"
-    smoothing_sigma: Annotated[float, Field(ge=0.0)] = 4.0
     feature_dtype: Literal["float32", "float16"] = "float32"
     # fit: patch features to an on-disk store (same selection; RAM grows with N * projection_dim, not N * D):
     # auto = spill once the in-memory features pass stream_threshold_mb; feature_dir: store folder (None: TMPDIR)
     stream_features: bool | Literal["auto"] = "auto"
     stream_threshold_mb: PositiveInt = 2048
     feature_dir: Path | None = None
-    threads: Annotated[int, Field(ge=0)] = 0
     # tiling (components.patchcore.tiling): an image larger than tile_size (H, W) px in a dimension is embedded
     # in overlapping tiles of exactly tile_size (stride tile - tile_overlap, the last one flush with the border)
     # stitched into the one grid of the untiled image; null = whole images. Multiples of TILE_ALIGN px.

@@ -9,29 +9,26 @@ image score = the paper's reweighted maximum.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from components import coreset, knn, maps
-from components.backbones import FeatureExtractor, WeightsInfo, build_extractor
-from components.config import Config, validate
+from components.backbones import FeatureExtractor, build_extractor, extractor_from_record, extractor_record
+from components.config import Config
 from components.detector import (
     BaseDetector,
     ImageInput,
     ProgressFn,
     ScoreBatch,
+    check_input,
     iter_image_batches,
-    read_saved_model,
     register_detector,
-    write_model_dir,
 )
 from components.patchcore import bank as bank_rows
 from components.patchcore import streaming
@@ -40,21 +37,20 @@ from components.patchcore.model import PatchEmbedder
 from components.patchcore.tiling import TiledEmbedder
 
 logger = logging.getLogger(__name__)
-VERSION = "0.1.0"
 
 
 @register_detector("patchcore")
 class PatchCore(BaseDetector):
+    """Capabilities (components.capabilities): Updatable (`update`), FeatureCached (`feature_key`, `extract`,
+    `fit_features`)."""
+
     def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        self.params = cfg.detector.patchcore
+        super().__init__(cfg)  # params: cfg.detector.patchcore
         self.memory_bank_: np.ndarray | None = None
         self.embedder_: PatchEmbedder | TiledEmbedder | None = None
         self.index_ = None
-        self.weights_: WeightsInfo | None = None
         self.grid_: tuple[int, int] | None = None
         self.image_size_: tuple[int, int] | None = None
-        self.fit_stats_: dict[str, float] = {}
         self.index_report_: knn.IndexReport | None = None
         self._selection_stats: dict[str, float] = {}
         self.updates_: list[dict] = []  # one record per `update` (images, patches, entries added, data)
@@ -227,7 +223,7 @@ class PatchCore(BaseDetector):
         n_images = 0
         dtype = torch.float16 if self.params.feature_dtype == "float16" else torch.float32
         for batch in iter_image_batches(images, self.cfg.data.batch_size):
-            self._check_input(batch)
+            check_input(batch)
             with torch.inference_mode():
                 emb = self.embedder_(batch.float())
             self.grid_ = tuple(emb.shape[1:3])
@@ -253,21 +249,9 @@ class PatchCore(BaseDetector):
         return chosen.coreset.indices
 
     # ---------------------------------------------------------------------------------------- score
-    def score(self, images: torch.Tensor, progress: ProgressFn | None = None) -> ScoreBatch:
-        """images (B, 3, H, W) in [0, 1] -> ScoreBatch with maps at (H, W)."""
-        self.check_fitted()
-        self._set_threads()
-        out = []
-        done = 0
-        for batch in iter_image_batches(images, self.cfg.data.batch_size):
-            self._check_input(batch)
-            out.append(self._score_batch(batch.float()))
-            done += batch.shape[0]
-            if progress:
-                progress("score", done, None)
-        return out[0] if len(out) == 1 else ScoreBatch.concat(out)  # one batch: no copy of its maps
-
     def _score_batch(self, batch: torch.Tensor) -> ScoreBatch:
+        """batch (B, 3, H, W) in [0, 1] -> ScoreBatch with maps at (H, W) (`score` runs it batch by batch)."""
+        batch = batch.float()
         with torch.inference_mode():
             emb = self.embedder_(batch)
         b, h, w, d = emb.shape
@@ -312,45 +296,29 @@ class PatchCore(BaseDetector):
         self.check_fitted()
         bank = torch.from_numpy(np.ascontiguousarray(self.memory_bank_))
         body = {k: v.contiguous() for k, v in self.embedder_.extractor.body.state_dict().items()}
-        meta = self.metadata()
-        writers = {
-            "bank.safetensors": lambda p: save_file({"memory_bank": bank}, str(p)),
-            "backbone.safetensors": lambda p: save_file(body, str(p)),
-            "metadata.json": lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)),
-            **self.threshold_writer(),
-        }
+        extra = {}
         if knn.index_kind(self.index_) != "flat":
-            writers["index.faiss"] = lambda p: knn.write_index(self.index_, p)
-        return write_model_dir(directory, self.name, writers)
+            extra["index.faiss"] = lambda p: knn.write_index(self.index_, p)
+        return self.write_saved_model(directory, {"bank.safetensors": {"memory_bank": bank},
+                                                  "backbone.safetensors": body}, extra)
 
     def metadata(self) -> dict:
         return {
-            "method": self.name,
-            "library_version": VERSION,
-            "config": self.cfg.to_dict(),
-            "backbone": {"name": self.cfg.backbone.name, "layers": list(self.cfg.backbone.layers),
-                         "weights_source": self.weights_.source, "weights_location": self.weights_.location,
-                         "weights_sha256": self.weights_.sha256,
-                         "mean": self.embedder_.extractor.mean.flatten().tolist(),
-                         "std": self.embedder_.extractor.std.flatten().tolist()},
+            **self.common_metadata(),
+            "backbone": extractor_record(self.cfg.backbone, self.weights_, self.embedder_.extractor),
             "embed_dim": int(self.memory_bank_.shape[1]),
             "bank_size": int(self.memory_bank_.shape[0]),
             "grid": list(self.grid_) if self.grid_ else None,
-            "fit_stats": self.fit_stats_,
             "index": self.index_report_.as_dict() if self.index_report_ else None,
             "updates": self.updates_,
         }
 
     @classmethod
     def load(cls, directory: str | Path) -> PatchCore:
-        files, meta = read_saved_model(directory, "patchcore", ("bank.safetensors", "backbone.safetensors"))
-        det = cls(validate(meta["config"], source=str(files["metadata.json"])))
-        bb = meta["backbone"]
-        body = timm.create_model(bb["name"], pretrained=False, features_only=True, out_indices=tuple(bb["layers"]))
-        body.load_state_dict(load_file(str(files["backbone.safetensors"])), strict=True)
-        extractor = FeatureExtractor(body, tuple(bb["mean"]), tuple(bb["std"])).eval()
+        det, files, meta = cls.open_saved_model(directory, ("bank.safetensors", "backbone.safetensors"))
+        extractor, det.weights_ = extractor_from_record(meta["backbone"],
+                                                        load_file(str(files["backbone.safetensors"])))
         det.embedder_ = det._embedder(extractor)
-        det.weights_ = WeightsInfo(bb["weights_source"], bb["weights_location"], bb["weights_sha256"])
         det.memory_bank_ = load_file(str(files["bank.safetensors"]))["memory_bank"].numpy()
         report = meta.get("index")
         det.index_report_ = knn.IndexReport(**report) if report else None
@@ -361,9 +329,7 @@ class PatchCore(BaseDetector):
         else:
             det.index_ = knn.build_index(det.memory_bank_, "flat")
         det.grid_ = tuple(meta["grid"]) if meta.get("grid") else None
-        det.fit_stats_ = meta.get("fit_stats", {})
         det.updates_ = list(meta.get("updates", []))
-        det.read_threshold(files)
         return det
 
     # -------------------------------------------------------------------------------------- helpers
@@ -392,13 +358,7 @@ class PatchCore(BaseDetector):
                 "index_recall": r.recall, "index_mean_rel_error": r.mean_rel_error}
 
     def _set_threads(self) -> None:
-        threads = self.params.threads
-        if threads > 0 and torch.get_num_threads() != threads:  # per call: resetting costs ~0.3 ms
-            torch.set_num_threads(threads)
-        if threads > 0:
-            knn.set_threads(threads)
-
-    @staticmethod
-    def _check_input(batch: torch.Tensor) -> None:
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise ValueError(f"expected images (B, 3, H, W), got {tuple(batch.shape)}")
+        """torch's threads (BaseDetector) and faiss's, to `threads`."""
+        super()._set_threads()
+        if self.params.threads > 0:
+            knn.set_threads(self.params.threads)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -61,14 +60,11 @@ from components.detector import (
     ScoreBatch,
     iter_image_batches,
     read_manifest,
-    read_saved_model,
     register_detector,
-    write_model_dir,
 )
 from components.patchcore.detector import PatchCore
 
 logger = logging.getLogger(__name__)
-VERSION = "0.1.0"
 
 
 def member_config(cfg: Config, backbone: str) -> Config:
@@ -123,12 +119,9 @@ def combine_normalised(values: Sequence[np.ndarray], scales: Sequence[float], ho
 @register_detector("patchcore_ensemble")
 class PatchCoreEnsemble(BaseDetector):
     def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        self.params = cfg.detector.patchcore_ensemble
+        super().__init__(cfg)  # params: cfg.detector.patchcore_ensemble; weights_: all members' weights together
         self.members_: list[PatchCore] = []
         self.scales_: np.ndarray | None = None  # (K,) float64, one per member, in backbones order
-        self.weights_: WeightsInfo | None = None  # lineage of all members' weights together
-        self.fit_stats_: dict[str, float] = {}
 
     @property
     def is_fitted(self) -> bool:
@@ -181,19 +174,14 @@ class PatchCoreEnsemble(BaseDetector):
                                "bank_size": float(len(member.memory_bank_))}
 
     # ---------------------------------------------------------------------------------------- score
-    def score(self, images: torch.Tensor, progress: ProgressFn | None = None) -> ScoreBatch:
-        """images (B, 3, H, W) in [0, 1] -> the members' normalised scores combined, maps at (H, W)."""
-        self.check_fitted()
-        out, done = [], 0
-        for batch in iter_image_batches(images, self.cfg.data.batch_size):
-            parts = [member.score(batch) for member in self.members_]
-            out.append(ScoreBatch(
-                combine_normalised([p.image_scores for p in parts], self.scales_, self.params.combine),
-                combine_normalised([p.anomaly_maps for p in parts], self.scales_, self.params.combine)))
-            done += batch.shape[0]
-            if progress:
-                progress("score", done, None)
-        return out[0] if len(out) == 1 else ScoreBatch.concat(out)
+    def _score_batch(self, batch: torch.Tensor) -> ScoreBatch:
+        """batch (B, 3, H, W) in [0, 1] -> the members' normalised scores combined, maps at (H, W)."""
+        parts = [member.score(batch) for member in self.members_]
+        return ScoreBatch(combine_normalised([p.image_scores for p in parts], self.scales_, self.params.combine),
+                          combine_normalised([p.anomaly_maps for p in parts], self.scales_, self.params.combine))
+
+    def _set_threads(self) -> None:
+        """Nothing here: every member sets its own (detector.patchcore.threads)."""
 
     # ----------------------------------------------------------------------------------- save/load
     def save(self, directory: str | Path) -> Path:
@@ -208,37 +196,29 @@ class PatchCoreEnsemble(BaseDetector):
                 for name in names:
                     writers[f"{member_prefix(i)}{name}"] = functools.partial(shutil.copyfile, saved / name)
                 records.append(self._member_record(i, member, names))
-            meta = self.metadata(records)
-            writers["metadata.json"] = lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True))
-            writers.update(self.threshold_writer())
-            return write_model_dir(directory, self.name, writers)
+            return self.write_saved_model(directory, {}, writers, self.metadata(records))
 
     def _member_record(self, i: int, member: PatchCore, files: list[str]) -> dict:
         return {"backbone": self.params.backbones[i], "layers": list(member.cfg.backbone.layers),
-                "weights_source": member.weights_.source, "weights_location": member.weights_.location,
-                "weights_sha256": member.weights_.sha256, "scale": float(self.scales_[i]),
+                **member.weights_.as_record(), "scale": float(self.scales_[i]),
                 "bank_size": len(member.memory_bank_), "grid": list(member.grid_ or ()),
                 "prefix": member_prefix(i), "files": files}
 
-    def metadata(self, members: list[dict]) -> dict:
-        return {"method": self.name, "library_version": VERSION, "config": self.cfg.to_dict(),
-                "combine": self.params.combine, "normalise_quantile": self.params.normalise_quantile,
-                "members": members, "fit_stats": self.fit_stats_}
+    def metadata(self, members: list[dict] | None = None) -> dict:
+        """members: one record per member (`_member_record`, written by `save`)."""
+        return {**self.common_metadata(), "combine": self.params.combine,
+                "normalise_quantile": self.params.normalise_quantile, "members": members or []}
 
     @classmethod
     def load(cls, directory: str | Path) -> PatchCoreEnsemble:
-        files, meta = read_saved_model(directory, "patchcore_ensemble", ())
-        det = cls(validate(meta["config"], source=str(files["metadata.json"])))
+        det, files, meta = cls.open_saved_model(directory, ())
         records = meta.get("members")
         if not isinstance(records, list) or len(records) != len(det.params.backbones):
             raise ArtifactError(f"{files['metadata.json']}: expected {len(det.params.backbones)} members")
         with tempfile.TemporaryDirectory(prefix="defectops-ensemble-") as scratch:
             det.members_ = [_load_member(files, i, record, Path(scratch)) for i, record in enumerate(records)]
         det.scales_ = np.asarray([float(r["scale"]) for r in records], dtype=np.float64)
-        det.weights_ = combined_weights([(r["backbone"], WeightsInfo(r["weights_source"], r["weights_location"],
-                                                                     r["weights_sha256"])) for r in records])
-        det.fit_stats_ = meta.get("fit_stats", {})
-        det.read_threshold(files)
+        det.weights_ = combined_weights([(r["backbone"], WeightsInfo.from_record(r)) for r in records])
         return det
 
 

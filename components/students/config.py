@@ -12,14 +12,13 @@ This module imports nothing from components.config (which imports it): no cycle.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+from components.method_config import TrainedMethodConfig
+from components.type_aliases import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 TEACHER_FIELDS = ("patch_sizes", "channels", "descriptor_dim", "leaky_slope", "teacher_patches",
                   "teacher_iterations", "teacher_batch_size", "teacher_lr", "teacher_weight_decay",
@@ -27,9 +26,13 @@ TEACHER_FIELDS = ("patch_sizes", "channels", "descriptor_dim", "leaky_slope", "t
                   "positive_shift", "positive_noise", "teacher_seed")
 """The fields that shape the teacher (with the backbone's name and weights: the teacher cache key)."""
 
+SOURCE_FIELDS = ("compactness", "teacher_source", "teacher_folder")
+"""Teacher-shaping fields added later (issue 18): part of the cache key only when not at their default, so a
+teacher cached with the defaults before them keeps its key."""
 
-class StudentsConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+
+class StudentsConfig(TrainedMethodConfig):
+    """seed, threads, smoothing_sigma, checkpoint_every, device: components.method_config."""
 
     # ---- patch networks (teacher and students share the architecture)
     patch_sizes: tuple[PositiveInt, ...] = (17, 33)
@@ -51,6 +54,13 @@ class StudentsConfig(BaseModel):
     positive_noise: NonNegativeFloat = 0.02
     teacher_seed: int = 0
     teacher_cache: bool = True
+    # compactness: "squared" (default, as before: sum of squared off-diagonal correlations) or "sum" (the
+    # paper's L_c: sum of the off-diagonal correlations themselves)
+    compactness: Literal["squared", "sum"] = "squared"
+    # teacher images: skimage (bundled photographs) | line (the fit's own good images) | folder
+    # (teacher_folder's images) | mix (skimage + line, + the folder when given)
+    teacher_source: Literal["skimage", "line", "folder", "mix"] = "skimage"
+    teacher_folder: Path | None = None
     # ---- students
     num_students: Annotated[int, Field(ge=2)] = 3
     iterations: PositiveInt = 300
@@ -58,14 +68,12 @@ class StudentsConfig(BaseModel):
     crop_size: PositiveInt = 48
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 1e-5
-    seed: int = 0
-    checkpoint_every: NonNegativeInt = 0
     stats_max_images: PositiveInt = 16
-    # ---- scoring and runtime
-    smoothing_sigma: NonNegativeFloat = 4.0
-    top_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: NonNegativeInt = 0
+    # ---- scoring
+    top_ratio: Fraction = 0.01
+    # working resolution (square side) the networks see in training and scoring, maps upsampled to the input
+    # size; 0 (default, as before): the input's own size. Dense scoring cost grows with its square.
+    image_size: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> StudentsConfig:
@@ -76,10 +84,16 @@ class StudentsConfig(BaseModel):
             raise ValueError(f"patch_sizes must be strictly increasing, got {sizes}")
         if any(p < 3 or p % 2 == 0 for p in sizes):
             raise ValueError(f"patch_sizes must be odd and >= 3 (a centre pixel), got {sizes}")
+        if self.teacher_source == "folder" and self.teacher_folder is None:
+            raise ValueError("teacher_source: folder needs teacher_folder")
         if self.teacher_batch_size < 2:
             raise ValueError("teacher_batch_size must be >= 2 (negatives and correlations come from the batch)")
         return self
 
     def teacher_fields(self) -> dict:
         """The teacher-shaping hyperparameters as JSON-ready values (part of the teacher cache key)."""
-        return self.model_dump(mode="json", include=set(TEACHER_FIELDS))
+        fields = self.model_dump(mode="json", include=set(TEACHER_FIELDS))
+        defaults = type(self).model_fields
+        fields.update({k: v for k, v in self.model_dump(mode="json", include=set(SOURCE_FIELDS)).items()
+                       if getattr(self, k) != defaults[k].default})
+        return fields

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from components import maps
@@ -31,6 +32,7 @@ from components.students import trainer
 from components.students.model import StudentsNet
 from components.students.teacher import Teacher, cached_or_trained_teacher, teacher_from_state
 from components.torch_detector import TorchDetector
+from components.type_aliases import LogStepFn
 
 logger = logging.getLogger(__name__)
 TEACHER_DIR = "teachers"
@@ -53,7 +55,7 @@ class Students(TorchDetector):
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(self, images: ImageInput, progress: ProgressFn | None = None,
-            log_step: trainer.LogStepFn | None = None, checkpoint_dir: str | Path | None = None) -> Students:
+            log_step: LogStepFn | None = None, checkpoint_dir: str | Path | None = None) -> Students:
         """Train on good images (N, 3, H, W) in [0, 1] (a tensor or an iterable of batches).
 
         progress("teacher", step, total) while a teacher is trained, then ("train", step, iterations);
@@ -62,10 +64,10 @@ class Students(TorchDetector):
         """
         self._set_threads()
         t0 = time.perf_counter()
-        data = self.collect_images(images, torch.float32)
+        data = self.working(self.collect_images(images, torch.float32))
         device = self.device()
         teacher, reused = cached_or_trained_teacher(self.params, self.cfg.backbone, self.teacher_cache_root(),
-                                                    device, progress)
+                                                    device, progress, data)
         t1 = time.perf_counter()
         p = self.params
         net = StudentsNet(teacher.nets, p.patch_sizes, p.num_students, p.channels, p.descriptor_dim,
@@ -85,14 +87,24 @@ class Students(TorchDetector):
                     stats["iterations"], stats["resumed_from_step"], stats["train_s"], stats["final_loss"])
         return self
 
+    def working(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the same at the working side `image_size` (bilinear, antialiased; 0: unchanged)."""
+        size = self.params.image_size
+        if not size or tuple(images.shape[-2:]) == (size, size):
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
     # ---------------------------------------------------------------------------------------- score
     def anomaly_maps(self, batch: torch.Tensor) -> torch.Tensor:
         """batch (B, 3, H, W) in [0, 1] -> smoothed maps (B, H, W) on the CPU (one image at a time: bounded
-        memory; image score: their top mean)."""
+        memory; image score: their top mean). With `image_size`, computed at that side and upsampled."""
         device = self.device()
         net = self.net_.to(device).eval()
         with torch.inference_mode():
-            dense = torch.cat([net(x.to(device=device, dtype=torch.float32)).float().cpu() for x in batch.split(1)])
+            dense = torch.cat([net(self.working(x.to(device=device, dtype=torch.float32))).float().cpu()
+                               for x in batch.split(1)])
+        if tuple(dense.shape[-2:]) != tuple(batch.shape[-2:]):
+            return maps.to_input_resolution(dense, tuple(batch.shape[-2:]), self.params.smoothing_sigma)
         return maps.gaussian_blur(dense, self.params.smoothing_sigma)
 
     # ----------------------------------------------------------------------------------- save/load

@@ -36,12 +36,18 @@ def correlation_matrix(descriptors: torch.Tensor, eps: float = 1e-8) -> torch.Te
     return cov / (std[:, None] * std[None, :])
 
 
-def compactness_loss(descriptors: torch.Tensor) -> torch.Tensor:
-    """L_c: sum of squared off-diagonal correlations of the batch's descriptors (redundant dimensions
-    cost). (B, D) -> scalar; 0 for decorrelated dimensions."""
+def compactness_loss(descriptors: torch.Tensor, form: str = "squared") -> torch.Tensor:
+    """L_c over the off-diagonal correlations c_ij (i != j) of the batch's descriptors. form "squared":
+    sum of c_ij^2 (0 for decorrelated dimensions, the default here); "sum": sum of c_ij, the paper's L_c
+    (Bergmann et al. eq. 4; bounded below by -D, since the sum of all c_ij is the variance of the sum of the
+    standardised dimensions). (B, D) -> scalar."""
     corr = correlation_matrix(descriptors)
     off = corr - torch.diag_embed(corr.diagonal())
-    return off.pow(2).sum()
+    if form == "squared":
+        return off.pow(2).sum()
+    if form == "sum":
+        return off.sum()
+    raise ValueError(f"compactness {form!r}: expected 'squared' or 'sum'")
 
 
 def regression_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

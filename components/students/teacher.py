@@ -9,8 +9,15 @@ Distillation target: the backbone's pooled last feature (timm `forward_head(pre_
 anchor resized to `distill_size` px, standardised per dimension over the pool; the decoder is one linear
 layer from the descriptor to that feature (as the paper's fully connected decoder).
 
-The teacher is trained once per (teacher hyperparameters, backbone name, backbone weights sha256) and
-cached under `<cache_root>/<digest>/` (safetensors + JSON, written atomically, sha256-checked on load).
+Image source (`teacher_source`): "skimage" (the default, above), "line" (the fit's own good images, as
+given to fit), "folder" (every image in `teacher_folder`, read with PIL, longer side at most MAX_SIDE) or
+"mix" (skimage + line, + the folder when given; patches are drawn from a uniformly chosen image, so each
+source weighs by its image count). Compactness: `compactness` "squared" (default) or "sum" (the paper's).
+
+The teacher is trained once per (teacher hyperparameters, backbone name, backbone weights sha256, image
+source and a sha256 of its images when not the default) and cached under `<cache_root>/<digest>/`
+(safetensors + JSON, written atomically, sha256-checked on load). A "line" teacher is keyed by the line's
+images, so every line (and every change of its images) trains its own.
 """
 
 from __future__ import annotations
@@ -54,21 +61,86 @@ class Teacher:
     backbone: str
     weights: WeightsInfo
     stats: dict[str, float] = field(default_factory=dict)
+    source: str = "skimage"
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.nets.state_dict().items()}
 
     def description(self) -> dict:
-        return {"digest": self.digest, "backbone": self.backbone, "weights_source": self.weights.source,
-                "weights_location": self.weights.location, "weights_sha256": self.weights.sha256,
-                "data": DATA_VERSION, "stats": self.stats}
+        return {"digest": self.digest, "backbone": self.backbone, **self.weights.as_record(),
+                "data": DATA_VERSION if self.source == "skimage" else f"teacher_source:{self.source}",
+                "source": self.source, "stats": self.stats}
 
 
-def teacher_digest(params: StudentsConfig, backbone: str, weights_sha256: str) -> str:
-    """Cache key: sha256 of the teacher hyperparameters, the backbone's name and weights, the data version."""
+def teacher_digest(params: StudentsConfig, backbone: str, weights_sha256: str, images_key: str | None = None) -> str:
+    """Cache key: sha256 of the teacher hyperparameters, the backbone's name and weights, the data version,
+    and `images_key` (see `source_key`; None for the default skimage source: the key from before it)."""
     payload = {"teacher": params.teacher_fields(), "backbone": backbone, "weights": weights_sha256,
                "data": DATA_VERSION, "images": list(NATURAL_IMAGES)}
+    if images_key is not None:
+        payload["source_images"] = images_key
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The image files directly inside `folder`, sorted (ValueError when there are none)."""
+    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in FOLDER_SUFFIXES and f.is_file())
+    if not files:
+        raise ValueError(f"teacher_folder {folder}: no images ({', '.join(FOLDER_SUFFIXES)})")
+    return files
+
+
+def folder_images(folder: Path) -> list[torch.Tensor]:
+    """The images of `folder` as (3, H, W) float tensors in [0, 1], longer side at most MAX_SIDE px."""
+    from PIL import Image
+
+    out = []
+    for f in folder_files(folder):
+        with Image.open(f) as im:
+            array = np.array(im.convert("RGB"))
+        out.append(_limited(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255.0))
+    return out
+
+
+def source_key(params: StudentsConfig, line_images: torch.Tensor | None) -> str | None:
+    """What the teacher's images add to its cache key: None for "skimage"; else a sha256 of the line's image
+    tensor and/or the folder's file names and bytes."""
+    if params.teacher_source == "skimage":
+        return None
+    digest = hashlib.sha256(params.teacher_source.encode())
+    if params.teacher_source in ("line", "mix"):
+        if line_images is None:
+            raise ValueError(f"teacher_source {params.teacher_source!r} needs the line's good images")
+        digest.update(line_images.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    if params.teacher_folder is not None and params.teacher_source in ("folder", "mix"):
+        for f in folder_files(params.teacher_folder):
+            digest.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def teacher_images(params: StudentsConfig, line_images: torch.Tensor | None) -> list[torch.Tensor]:
+    """The images the teacher's patches come from, per `teacher_source` (see module docstring)."""
+    source, out = params.teacher_source, []
+    if source in ("skimage", "mix"):
+        out += natural_images()
+    if source in ("line", "mix"):
+        if line_images is None:
+            raise ValueError(f"teacher_source {source!r} needs the line's good images")
+        out += [_limited(x.detach().to(torch.float32).cpu()) for x in line_images]
+    if params.teacher_folder is not None and source in ("folder", "mix"):
+        out += folder_images(params.teacher_folder)
+    return out
+
+
+def _limited(tensor: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) -> the same, longer side at most MAX_SIDE px, clamped to [0, 1]."""
+    scale = MAX_SIDE / max(tensor.shape[-2:])
+    if scale < 1:
+        tensor = F.interpolate(tensor[None], scale_factor=scale, mode="bilinear", antialias=True)[0]
+    return tensor.clamp(0, 1)
 
 
 def natural_images() -> list[torch.Tensor]:
@@ -82,10 +154,7 @@ def natural_images() -> list[torch.Tensor]:
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         tensor = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float() / 255.0
-        scale = MAX_SIDE / max(tensor.shape[-2:])
-        if scale < 1:  # the few large photographs: industrial inputs are ~256 px, keep memory small
-            tensor = F.interpolate(tensor[None], scale_factor=scale, mode="bilinear", antialias=True)[0]
-        out.append(tensor.clamp(0, 1))
+        out.append(_limited(tensor))  # the few large photographs: industrial inputs are ~256 px
     return out
 
 
@@ -148,7 +217,7 @@ def train_scale(net: nn.Module, anchors: torch.Tensor, positives: torch.Tensor, 
         a, p = desc[:batch], desc[batch:]
         losses = {"distill": distillation_loss(decoder(a), targets[idx].to(device)),
                   "triplet": triplet_loss(a, p, a.roll(1, dims=0), params.triplet_margin),
-                  "compact": compactness_loss(a)}
+                  "compact": compactness_loss(a, params.compactness)}
         loss = (params.weight_distill * losses["distill"] + params.weight_triplet * losses["triplet"]
                 + params.weight_compact * losses["compact"])
         opt.zero_grad(set_to_none=True)
@@ -161,12 +230,13 @@ def train_scale(net: nn.Module, anchors: torch.Tensor, positives: torch.Tensor, 
 
 
 def train_teacher(params: StudentsConfig, backbone: BackboneConfig, device: torch.device,
-                  progress: ProgressFn | None = None) -> Teacher:
-    """Distil one PatchNet per patch size from the backbone (deterministic for a given teacher_seed)."""
+                  progress: ProgressFn | None = None, line_images: torch.Tensor | None = None) -> Teacher:
+    """Distil one PatchNet per patch size from the backbone (deterministic for a given teacher_seed) on the
+    images of `teacher_source` (line_images (N, 3, H, W): the fit's good images, for "line" / "mix")."""
     t0 = time.perf_counter()
     classifier, info, mean, std = build_classifier(backbone)
     classifier = classifier.to(device).eval()
-    images = natural_images()
+    images = teacher_images(params, line_images)
     nets = build_nets(params.patch_sizes, params.channels, params.descriptor_dim, params.leaky_slope,
                       params.teacher_seed).to(device)
     generator = torch.Generator().manual_seed(params.teacher_seed)
@@ -185,7 +255,8 @@ def train_teacher(params: StudentsConfig, backbone: BackboneConfig, device: torc
     for param in nets.parameters():
         param.requires_grad_(False)
     stats["train_s"] = time.perf_counter() - t0
-    return Teacher(nets.eval(), teacher_digest(params, backbone.name, info.sha256), backbone.name, info, stats)
+    digest = teacher_digest(params, backbone.name, info.sha256, source_key(params, line_images))
+    return Teacher(nets.eval(), digest, backbone.name, info, stats, params.teacher_source)
 
 
 # -------------------------------------------------------------------------------------------- cache
@@ -206,8 +277,9 @@ def teacher_from_state(params: StudentsConfig, state: dict[str, torch.Tensor], d
         raise ArtifactError(f"{origin}: does not fit the configured teacher ({exc})") from None
     for param in nets.parameters():
         param.requires_grad_(False)
-    weights = WeightsInfo(desc["weights_source"], desc["weights_location"], desc["weights_sha256"])
-    return Teacher(nets.eval(), desc["digest"], desc["backbone"], weights, desc.get("stats", {}))
+    weights = WeightsInfo.from_record(desc)
+    return Teacher(nets.eval(), desc["digest"], desc["backbone"], weights, desc.get("stats", {}),
+                   desc.get("source", "skimage"))
 
 
 def load_teacher(params: StudentsConfig, directory: Path) -> Teacher:
@@ -221,12 +293,15 @@ def load_teacher(params: StudentsConfig, directory: Path) -> Teacher:
 
 
 def cached_or_trained_teacher(params: StudentsConfig, backbone: BackboneConfig, cache_root: Path | None,
-                              device: torch.device, progress: ProgressFn | None = None) -> tuple[Teacher, bool]:
-    """The teacher for these settings: from `cache_root/<digest>` when cached there, else trained (and then
-    cached when cache_root is given; a damaged cache entry is retrained and replaced). -> (teacher, reused)."""
+                              device: torch.device, progress: ProgressFn | None = None,
+                              line_images: torch.Tensor | None = None) -> tuple[Teacher, bool]:
+    """The teacher for these settings (and, for teacher_source line / mix, these good images (N, 3, H, W)):
+    from `cache_root/<digest>` when cached there, else trained (and then cached when cache_root is given; a
+    damaged cache entry is retrained and replaced). -> (teacher, reused)."""
     if cache_root is not None:
         _classifier, info, _m, _s = build_classifier(backbone)  # cheap: resolves the weights' sha256
-        directory = Path(cache_root) / teacher_digest(params, backbone.name, info.sha256)
+        directory = Path(cache_root) / teacher_digest(params, backbone.name, info.sha256,
+                                                      source_key(params, line_images))
         if (directory / "manifest.json").is_file():
             try:
                 if read_manifest(directory).get("method") != TEACHER_METHOD:
@@ -236,7 +311,7 @@ def cached_or_trained_teacher(params: StudentsConfig, backbone: BackboneConfig, 
                 return teacher, True
             except ArtifactError as exc:  # a damaged cache entry is rebuilt, not fatal
                 logger.warning("students: cached teacher unusable (%s); training it again", exc)
-    teacher = train_teacher(params, backbone, device, progress)
+    teacher = train_teacher(params, backbone, device, progress, line_images)
     if cache_root is not None:
         save_teacher(teacher, Path(cache_root) / teacher.digest)
         logger.info("students: teacher cached in %s", Path(cache_root) / teacher.digest)

@@ -7,15 +7,15 @@ all M students to regress the teacher's normalised descriptors (one Adam over al
 parameters are disjoint, so this is M independent optimisers). Crops are a pure function of (seed, step)
 and no layer is random, so a resumed run continues exactly as the uninterrupted run would have.
 
-Checkpoints (components.checkpoints): the student weights and Adam's state, with the fingerprint of config,
-teacher and images (no RNG: nothing random happens after initialisation); one of another run is ignored.
+The loop (resume, checkpoint every `checkpoint_every` steps, log_step, progress) is components.train_loop's;
+the step is `train_step`. Checkpoints (components.checkpoints): the student weights and Adam's state, with the
+fingerprint of config, teacher and images (no RNG: nothing random happens after initialisation); one of
+another run is ignored.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,12 +26,10 @@ from components.students.config import StudentsConfig
 from components.students.losses import regression_loss
 from components.students.model import StudentsNet
 from components.students.networks import pad_for_dense
+from components.train_loop import TrainingRun
+from components.type_aliases import LogStepFn
 
 logger = logging.getLogger(__name__)
-
-LogStepFn = Callable[[int, dict[str, float]], None]
-"""log_step(step, metrics): after every optimiser step (1-based): loss (mean over students and scales),
-loss_p<size> (mean over students at that scale)."""
 
 
 def crop_positions(step: int, n_images: int, height: int, width: int, crop: int, batch_size: int,
@@ -54,7 +52,7 @@ def take_crops(padded: torch.Tensor, positions: torch.Tensor, crop: int, patch_s
 
 def fingerprint(params: StudentsConfig, teacher_key: str, images: torch.Tensor) -> str:
     """What a checkpoint must match to be resumed: student hyperparameters, the teacher, the images."""
-    runtime = {"checkpoint_every", "threads", "device", "teacher_cache", "stats_max_images", "smoothing_sigma",
+    runtime = {*StudentsConfig.RUNTIME_FIELDS, "teacher_cache", "stats_max_images", "smoothing_sigma",
                "top_ratio"}
     return checkpoints.run_fingerprint(params, runtime, teacher_key, images)
 
@@ -99,37 +97,38 @@ def fit_score_stats(net: StudentsNet, images: torch.Tensor, device: torch.device
 def train_students(net: StudentsNet, images: torch.Tensor, params: StudentsConfig, device: torch.device,
                    run_key: str, progress: ProgressFn | None = None, log_step: LogStepFn | None = None,
                    checkpoint_dir: str | Path | None = None) -> dict[str, float]:
-    """Train net.students on images (N, 3, H, W) in [0, 1] (CPU). Teacher statistics must be set already."""
+    """Train net.students on images (N, 3, H, W) in [0, 1] (CPU). Teacher statistics must be set already.
+
+    log_step(step, {"loss": mean over students and scales, "loss_p<size>": mean over students at that scale})."""
     optimizer = torch.optim.Adam(net.students.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    modules, optimizers = {"students": net.students}, {"students": optimizer}
-    start = checkpoints.restore_checkpoint(checkpoint_dir, "students", run_key, modules, optimizers, device) \
-        if checkpoint_dir else 0
+    run = TrainingRun("students", run_key, params.iterations, {"students": net.students},
+                      {"students": optimizer}, device, params.checkpoint_every, checkpoint_dir)
+    run.resume()
+    padded = {p: pad_for_dense(images, p) for p in net.patch_sizes}
+    net.students.train()
+    last = run.run(lambda step: train_step(net, optimizer, images, padded, params, device, step), progress,
+                   log_step)
+    net.eval()
+    return {**run.stats(), "final_loss": last.get("loss", float("nan"))}
+
+
+def train_step(net: StudentsNet, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               padded: dict[int, torch.Tensor], params: StudentsConfig, device: torch.device,
+               step: int) -> dict[str, float]:
+    """One optimiser step (0-based `step`) on its seeded crops of images (N, 3, H, W), taken from `padded`
+    (patch size -> the images reflect-padded by pad_for_dense). -> the step's metrics."""
     n, _, h, w = images.shape
     crop = min(params.crop_size, h, w)
-    padded = {p: pad_for_dense(images, p) for p in net.patch_sizes}
-    t0, last = time.perf_counter(), float("nan")
-    net.students.train()
-    for step in range(start, params.iterations):
-        positions = crop_positions(step, n, h, w, crop, params.batch_size, params.seed)
-        losses = {}
-        for p in net.patch_sizes:
-            x = take_crops(padded[p], positions, crop, p).to(device)
-            with torch.no_grad():
-                target = net.teacher_target(x, p)
-            losses[p] = torch.stack([regression_loss(s[f"p{p}"](x), target) for s in net.students])
-        loss = torch.cat(list(losses.values())).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        last, done = float(loss.detach()) / (len(net.students) * len(net.patch_sizes)), step + 1
-        due = checkpoints.checkpoint_due(done, params.checkpoint_every, params.iterations)
-        if checkpoint_dir is not None and due:
-            checkpoints.save_checkpoint(checkpoint_dir, "students", done, run_key, modules, optimizers)
-        if log_step is not None:
-            log_step(done, {"loss": last, **{f"loss_p{p}": float(v.detach().mean()) for p, v in losses.items()}})
-        if progress is not None:
-            progress("train", done, params.iterations)
-    net.eval()
-    return {"iterations": float(params.iterations), "resumed_from_step": float(start),
-            "steps_run": float(params.iterations - start), "train_s": time.perf_counter() - t0,
-            "final_loss": last}
+    positions = crop_positions(step, n, h, w, crop, params.batch_size, params.seed)
+    losses = {}
+    for p in net.patch_sizes:
+        x = take_crops(padded[p], positions, crop, p).to(device)
+        with torch.no_grad():
+            target = net.teacher_target(x, p)
+        losses[p] = torch.stack([regression_loss(s[f"p{p}"](x), target) for s in net.students])
+    loss = torch.cat(list(losses.values())).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    mean = float(loss.detach()) / (len(net.students) * len(net.patch_sizes))
+    return {"loss": mean, **{f"loss_p{p}": float(v.detach().mean()) for p, v in losses.items()}}

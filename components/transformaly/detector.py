@@ -25,8 +25,8 @@ from components import maps
 from components.backbones import WeightsInfo
 from components.checkpoints import cpu_state
 from components.config import Config
-from components.detector import ArtifactError, ImageInput, ProgressFn, register_detector
-from components.torch_detector import TorchDetector, check_input
+from components.detector import ArtifactError, ImageInput, ProgressFn, check_input, register_detector
+from components.torch_detector import TorchDetector
 from components.transformaly import trainer
 from components.transformaly.encoders import (
     build_teacher,
@@ -37,6 +37,7 @@ from components.transformaly.encoders import (
 from components.transformaly.gaussian import PCA, Gaussian, fit_gaussian, fit_pca, gaussian_nll
 from components.transformaly.loss import block_discrepancy, location_errors
 from components.transformaly.model import Teacher, TeacherPass, TransformalyNet
+from components.type_aliases import LogStepFn
 
 logger = logging.getLogger(__name__)
 MAP_DESCRIPTION = ("optional, not the paper's (which scores images only): student-teacher squared error per "
@@ -64,7 +65,7 @@ class Transformaly(TorchDetector):
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(self, images: ImageInput, progress: ProgressFn | None = None,
-            log_step: trainer.LogStepFn | None = None, checkpoint_dir: str | Path | None = None) -> Transformaly:
+            log_step: LogStepFn | None = None, checkpoint_dir: str | Path | None = None) -> Transformaly:
         """Fit on good images (N, 3, H, W) in [0, 1] (a tensor or an iterable of batches), N >= 2.
 
         log_step(step, {"loss", "epoch", "loss_block<b>"}) after every step; progress("train", step, total);
@@ -97,7 +98,8 @@ class Transformaly(TorchDetector):
 
     def _net(self, teacher: Teacher) -> TransformalyNet:
         p = self.params
-        return TransformalyNet(teacher, p.blocks, p.student_init, p.init_noise, p.seed)
+        return TransformalyNet(teacher, p.blocks, p.student_init, p.init_noise, p.seed, p.student_mode,
+                               p.student_dropout)
 
     def _teacher_features(self, net: TransformalyNet, data: torch.Tensor,
                           device: torch.device) -> tuple[TeacherPass | None, np.ndarray]:
@@ -191,5 +193,5 @@ class Transformaly(TorchDetector):
                                 f"({type(exc).__name__}: {exc})") from None
         det.net_ = net.eval()
         det.teacher_desc_ = desc
-        det.weights_ = WeightsInfo(desc["weights_source"], desc["weights_location"], desc["weights_sha256"])
+        det.weights_ = WeightsInfo.from_record(desc)
         return det

@@ -43,8 +43,7 @@ def build_teacher(params: TransformalyConfig, backbone: BackboneConfig) -> tuple
 
 def teacher_description(teacher: Teacher, name: str, info: WeightsInfo) -> dict:
     """JSON metadata from which `rebuild_teacher` recreates the architecture (weights come from the state)."""
-    return {"kind": teacher.kind, "name": name, "weights_source": info.source, "weights_location": info.location,
-            "weights_sha256": info.sha256, "mean": teacher.mean.flatten().tolist(),
+    return {"kind": teacher.kind, "name": name, **info.as_record(), "mean": teacher.mean.flatten().tolist(),
             "std": teacher.std.flatten().tolist()}
 
 

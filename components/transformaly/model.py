@@ -3,8 +3,10 @@ one trainable student block per fine-tuned teacher block, fed the teacher's inpu
 
 The teacher runs once per image (no gradient); each student block k sees the teacher's input to block k, so
 the blocks before the first fine-tuned one are shared and frozen, and students never feed one another (as
-the paper's cloned blocks). The module returns one type in train and eval: `Features`. It is kept in eval
-mode throughout (BatchNorm statistics and dropout stay fixed; only the students' weights are trained).
+the paper's cloned blocks). The module returns one type in train and eval: `Features`. The teacher is in
+eval mode throughout. student_mode "eval": so are the students (BatchNorm statistics and dropout fixed; only
+their weights are trained). student_mode "train" (the official code's training mode): `train()` puts the
+student blocks in train mode (their Dropout at `dropout`, BatchNorm on batch statistics); `eval()` for scoring.
 """
 
 from __future__ import annotations
@@ -125,11 +127,19 @@ def init_student(block: nn.Module, mode: str, noise: float, seed: int) -> nn.Mod
     return student.eval()
 
 
+def set_dropout(module: nn.Module, p: float) -> int:
+    """Set the probability of every nn.Dropout inside `module` to p. -> how many there were."""
+    drops = [m for m in module.modules() if isinstance(m, nn.Dropout)]
+    for m in drops:
+        m.p = p
+    return len(drops)
+
+
 class TransformalyNet(nn.Module):
     """Frozen teacher and one student per fine-tuned block (`blocks`: consecutive teacher block indices)."""
 
     def __init__(self, teacher: Teacher, blocks: tuple[int, ...], student_init: str = "random",
-                 init_noise: float = 0.0, seed: int = 0) -> None:
+                 init_noise: float = 0.0, seed: int = 0, student_mode: str = "eval", dropout: float = 0.0) -> None:
         super().__init__()
         available = len(teacher.blocks())
         if not blocks or max(blocks) >= available:
@@ -140,11 +150,20 @@ class TransformalyNet(nn.Module):
         source = teacher.blocks()
         self.student = nn.ModuleList(init_student(source[b], student_init, init_noise, seed * 1009 + b)
                                      for b in self.block_ids)
+        if student_mode not in ("eval", "train"):
+            raise ValueError(f"student_mode {student_mode!r}: expected 'eval' or 'train'")
+        self.student_mode = student_mode
+        if student_mode == "train":
+            set_dropout(self.student, dropout)
         self.eval()
 
     def train(self, mode: bool = True) -> TransformalyNet:
-        """Always eval: BatchNorm statistics and dropout stay those of the teacher (see module docstring)."""
-        return super().train(False)
+        """The teacher always in eval mode; the students in train mode only when `mode` and student_mode is
+        "train" (see module docstring)."""
+        super().train(False)
+        if mode and self.student_mode == "train":
+            self.student.train(True)
+        return self
 
     @torch.no_grad()
     def teacher_pass(self, images: torch.Tensor) -> TeacherPass:

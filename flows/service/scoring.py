@@ -181,7 +181,7 @@ class Scorer:
     def _record(self, decisions: list[Decision], uploads: list[Upload], prepared: list[Prepared]) -> list[int]:
         kept: list[str | None] = []
         for d, u, p in zip(decisions, uploads, prepared, strict=True):
-            keep = self.cfg.keep_images == "all" or (self.cfg.keep_images == "anomalous" and d.decision == DEFECTIVE)
+            keep = self.cfg.keep_images == "all" or (self.cfg.keep_images == "defective" and d.decision == DEFECTIVE)
             if keep:
                 ext = extension_for(p.image_format)
                 self.store.keep_image(u.data, p.sha256, ext)

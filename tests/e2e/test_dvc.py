@@ -136,9 +136,11 @@ def test_dvc_repro_and_experiment(tmp_path):
     report = json.loads((repo / "metrics" / "evaluation.json").read_text())
     assert 0.5 < report["overall"]["image_auroc"] <= 1.0
     shown = json.loads(_dvc(repo, "metrics", "show", "--json"))
-    assert "metrics/evaluation.json" in json.dumps(shown)
+    assert "metrics/summary.json" in json.dumps(shown) and "image_auroc" in json.dumps(shown)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["fit"]["params"]["params.yaml"]["detector"]["patchcore"]["coreset_ratio"] == 0.1
+    assert lock["stages"]["fit"]["params"]["params.yaml"]["detector.patchcore.coreset_ratio"] == 0.1
+    plots = json.loads(_dvc(repo, "plots", "show", "--json"))
+    assert {"plots/roc.csv", "plots/pro.csv"} <= set(json.dumps(plots).replace('"', " ").split()), plots
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", *ident, "commit", "-q", "-m", "baseline"], cwd=repo, check=True)
 
@@ -149,3 +151,6 @@ def test_dvc_repro_and_experiment(tmp_path):
     assert json.loads((repo / "metrics" / "evaluation.json").read_text())["model"] == "models/line"
     exps = json.dumps(json.loads(_dvc(repo, "exp", "show", "--json")))
     assert "0.05" in exps and "image_auroc" in exps
+    header = _dvc(repo, "exp", "show", "--only-changed", "--csv").splitlines()[0].split(",")
+    assert "detector.patchcore.coreset_ratio" in header and "image_auroc" in header
+    assert len(header) <= 30, f"`dvc exp show --only-changed` lists {len(header)} columns: {header}"

@@ -20,7 +20,8 @@ from tests.e2e.tiny_line import unique_name, upload, version_tags
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 CFG = PromotionConfig(image_auroc_tolerance=0.01, aupro_tolerance=0.02, latency_budget_ms=1000.0,
-                      min_image_auroc=0.6, min_aupro=0.1)
+                      min_image_auroc=0.6, min_aupro=0.1, max_false_reject_rate=None,
+                      max_escape_rate=None)  # operating point: unit tests
 PINNED = "a" * 64
 
 

@@ -121,7 +121,7 @@ def test_load_model_outside_the_repo_scores_bytes(registered, tiny):
     for key in ("b64", "raw"):
         np.testing.assert_allclose(out[key]["score"], expected, rtol=1e-4, atol=1e-5)
         threshold = tiny.fit.detector.threshold_.image
-        assert out[key]["decision"] == ["anomalous" if s > threshold else "good" for s in out[key]["score"]]
+        assert out[key]["decision"] == ["defective" if s > threshold else "good" for s in out[key]["score"]]
         assert all(0.0 <= v <= 1.0 for v in out[key]["normalised_score"])
     assert out["b64"]["heatmap"] == [None] * len(paths)
     with Image.open(io.BytesIO(base64.b64decode(out["raw"]["heatmap"][0]))) as im:
@@ -208,7 +208,7 @@ def _check_invocations(url: str, tiny) -> None:
     assert status == 200, text[-3000:]
     rows = json.loads(text)["predictions"]
     np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-4, atol=1e-5)
-    assert {r["decision"] for r in rows} <= {"anomalous", "good"}
+    assert {r["decision"] for r in rows} <= {"defective", "good"}
     with Image.open(io.BytesIO(base64.b64decode(rows[0]["heatmap"]))) as im:
         assert im.format == "PNG"
 

@@ -152,7 +152,7 @@ def test_pyfunc_predict_reproduces_the_evaluation_scores(env, tiny, registered):
     np.testing.assert_allclose(out["score"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
     threshold = tiny.fit.detector.threshold_.image
     np.testing.assert_allclose(out["threshold"].to_numpy(), threshold, rtol=1e-6)
-    assert out["decision"].tolist() == ["anomalous" if s > threshold else "good" for s in out["score"]]
+    assert out["decision"].tolist() == ["defective" if s > threshold else "good" for s in out["score"]]
 
 
 @e2e

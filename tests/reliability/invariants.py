@@ -6,11 +6,16 @@ registered model whose loading would unpickle anything.
     ...inject a fault, re-run...
     report = check(state, "defectops-line", before)
     assert report.ok, report.problems
+
+Also checked (issue 16): every object's bytes match its `sha256` metadata and the sha256 in its key
+(`<prefix>/<sha256>/<name>`), so a bit flipped under intact metadata is a problem; with `settled=(line, root)`
+(after a clean re-run) no run of the line is left RUNNING and no `work/<run_id>` folder is left behind.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import boto3
@@ -24,6 +29,34 @@ def _s3(state):
     return boto3.client("s3", endpoint_url=state.s3_endpoint, region_name="us-east-1",
                         aws_access_key_id=state.access_key, aws_secret_access_key=state.secret_key,
                         config=Config(connect_timeout=5, read_timeout=60, retries={"total_max_attempts": 3}))
+
+
+_SHA_PART = re.compile(r"/([0-9a-f]{64})/[^/]+$")
+
+
+def metadata_mismatches(state, hashes: dict[str, str]) -> list[str]:
+    """Objects (of a deep snapshot) whose bytes differ from their `sha256` metadata or from the sha256 in
+    their key."""
+    s3, bad = _s3(state), []
+    for key, digest in hashes.items():
+        meta = s3.head_object(Bucket=state.bucket, Key=key).get("Metadata", {}).get("sha256")
+        in_key = _SHA_PART.search(key)
+        if meta is not None and meta != digest:
+            bad.append(f"{key}: bytes hash to {digest[:12]}, metadata says {meta[:12]}")
+        elif in_key and meta is not None and in_key.group(1) != digest:
+            bad.append(f"{key}: bytes hash to {digest[:12]}, the key says {in_key.group(1)[:12]}")
+    return bad
+
+
+def settled_problems(line: str, root) -> list[str]:
+    """After a clean re-run of `line`: runs of it still RUNNING, `work/<run_id>` folders left under `root`."""
+    client = tracking._client()
+    found = client.get_experiment_by_name(tracking.experiment_name(line))
+    running = [] if found is None else client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'")
+    problems = [f"run {r.info.run_id} of {line} still RUNNING" for r in running]
+    work = root / "work"
+    problems += [f"work folder {p} left behind" for p in (sorted(work.iterdir()) if work.is_dir() else [])]
+    return problems
 
 
 def snapshot(state, deep: bool = True) -> dict[str, str]:
@@ -88,13 +121,19 @@ def _flavors(name: str, version: str) -> dict:
     return mlflow.models.get_model_info(f"models:/{name}/{version}").flavors
 
 
-def check(state, name: str, before: dict[str, str] | None = None) -> Report:
-    """The invariants after a fault (services must be up again): see the module docstring."""
+def check(state, name: str, before: dict[str, str] | None = None, settled: tuple | None = None) -> Report:
+    """The invariants after a fault (services must be up again): see the module docstring. settled: (line,
+    services root of the clients) after a clean re-run."""
     report = Report()
     store = ObjectStore(state.s3_endpoint, state.bucket, state.access_key, state.secret_key)
+    deep = before is None or not all(":" in v for v in before.values())
+    after = snapshot(state, deep=deep)
     if before is not None:
-        after = snapshot(state, deep=not all(":" in v for v in before.values()))
         report.lost = sorted(set(before) - set(after))
         report.changed = sorted(k for k in before if k in after and after[k] != before[k])
+    if deep:
+        report.problems += metadata_mismatches(state, after)
     check_registry(store, name, report)
+    if settled is not None:
+        report.problems += settled_problems(*settled)
     return report

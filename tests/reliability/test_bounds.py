@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -53,29 +56,110 @@ def test_unreachable_store_fails_fast(record):
     assert time.monotonic() - t0 < 15
 
 
-def test_retries_only_on_network_errors():
-    assert retrain_mod.upload_model.retries == 2 and retrain_mod.upload_model.retry_delay_seconds == 2
+class _FakeS3(ThreadingHTTPServer):
+    """A real HTTP endpoint that answers every request with one status (and an S3 error body) and counts
+    them; with status None it accepts connections and never answers (a hung store)."""
+
+    def __init__(self, status: int | None, code: str = "") -> None:
+        self.status, self.code, self.requests = status, code, 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                outer.requests += 1
+                if outer.status is None:
+                    time.sleep(3600)
+                body = f"<Error><Code>{outer.code}</Code><Message>x</Message></Error>".encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body) if self.command != "HEAD" else 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_PUT = do_POST = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.daemon_threads = True
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def _upload_attempts(status: int, code: str, model_dir: Path, monkeypatch) -> int:
+    """Run the retrain's upload_model task in a flow against a store answering `status`; -> requests seen."""
+    from prefect import flow
+
+    server = _FakeS3(status, code)
+    for name, value in {**ENV, "DEFECTOPS_S3_ENDPOINT": server.url}.items():
+        monkeypatch.setenv(name, value)
+
+    @flow(name="upload-retry-probe")
+    def probe() -> None:
+        retrain_mod.upload_model(run_id="none", model_dir=str(model_dir), line="probe")
+
+    with pytest.raises(StorageError):
+        probe()
+    server.shutdown()
+    return server.requests
+
+
+@pytest.mark.slow
+def test_retries_only_on_network_errors(tmp_path, monkeypatch, record):
+    """Behaviour, through Prefect: a store answering 503 gets the task's 2 retries (3 attempts, each with
+    its 2 client attempts), one refusing the keys (403) is tried once."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "bank.safetensors").write_bytes(b"x" * 100)
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    denied = _upload_attempts(403, "AccessDenied", tmp_path / "m", monkeypatch)
+    unavailable = _upload_attempts(503, "ServiceUnavailable", tmp_path / "m", monkeypatch)
+    record("fault", "upload task: retried on 503 (3 attempts), never on 403 (1 attempt)")
+    assert denied == 1, denied
+    assert unavailable == 3 * 2, unavailable
     for task in (retrain_mod.extract_features, retrain_mod.build_model, retrain_mod.evaluate_model,
                  retrain_mod.register, retrain_mod.gate, retrain_mod.check_store):
         assert not task.retries, task.name
-
-    class State:
-        def __init__(self, exc):
-            self.data = exc
-
-    network = EndpointUnreachableError("e", "b", "k", "down")
     never = [AccessDeniedError("e", "b", "k", "x"), BucketNotFoundError("e", "b", "k", "x"),
              ChecksumError("e", "b", "k", "x"), InvalidKeyError("e", "b", "k", "x"), ValueError("user")]
-    assert retry_on_network_error(None, None, State(network))
-    assert retry_on_network_error(None, None, State(StorageError("e", "b", "k", "HTTP 503")))
-    assert not any(retry_on_network_error(None, None, State(exc)) for exc in never)
+    assert not any(retry_on_network_error(None, None, type("S", (), {"data": exc})()) for exc in never)
 
 
-def test_dvc_push_is_bounded():
-    import inspect
+def test_hung_store_is_bounded_by_user_timeouts(record):
+    """A store that accepts the connection and never answers fails after the user's read timeout."""
+    server = _FakeS3(None)
+    env = {**ENV, "DEFECTOPS_S3_ENDPOINT": server.url, "DEFECTOPS_S3_READ_TIMEOUT_S": "2"}
+    store = ObjectStore.from_env(env, max_attempts=1)
+    t0 = time.monotonic()
+    with pytest.raises(EndpointUnreachableError):
+        store.exists("s3://b/models/x")
+    elapsed = time.monotonic() - t0
+    record("fault", "hung object store (accepts, never answers): fails after the user's 2 s read timeout")
+    assert elapsed < 10, elapsed
+    with pytest.raises(ValueError, match="DEFECTOPS_S3_READ_TIMEOUT_S"):
+        ObjectStore.from_env({**ENV, "DEFECTOPS_S3_READ_TIMEOUT_S": "forever"})
 
-    assert inspect.signature(versioning.push).parameters["attempts"].default == 2
-    assert "timeout=900" in inspect.getsource(versioning.push)
+
+def test_dvc_push_is_bounded(tmp_path, record):
+    """`dvc push` to a hung store: each attempt killed after its timeout, 2 attempts, one clear error."""
+    server = _FakeS3(None)
+    registry = versioning.ensure_registry(tmp_path / "registry", "bucket")
+    versioning.write_remote_credentials(registry, server.url, "k" * 16, "s" * 32)
+    (registry / "data.txt").write_text("data")
+    versioning._dvc(registry, "add", "-q", "data.txt")
+    t0 = time.monotonic()
+    with pytest.raises(versioning.VersioningError, match="no answer after 4 s"):
+        versioning.push(registry, "data.txt.dvc", attempts=2, delay_s=0.1, timeout_s=4)
+    elapsed = time.monotonic() - t0
+    record("fault", "dvc push to a hung store: 2 attempts of 4 s, then one clear error")
+    assert 8 <= elapsed < 30, elapsed
+    assert versioning.push_timeout_s({}) == 300 and versioning.push_timeout_s({versioning.PUSH_TIMEOUT_ENV: "20"}) == 20
+    with pytest.raises(ValueError, match=versioning.PUSH_TIMEOUT_ENV):
+        versioning.push_timeout_s({versioning.PUSH_TIMEOUT_ENV: "0"})
 
 
 def test_mlflow_http_calls_are_bounded(monkeypatch, record):

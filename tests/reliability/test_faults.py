@@ -56,7 +56,7 @@ def rerun(line: dict, env: dict, record, case: str, state) -> dict:
     with session(line["params"], env):
         result = retrain(line["line"], str(line["params"]))
     tracking.configure(state.mlflow_uri)
-    report = check(state, line["name"], before)
+    report = check(state, line["name"], before, settled=(line["line"], line["root"]))
     record("re-run", f"re-run after: {case}", lost=len(report.lost), corrupted=len(report.changed))
     assert report.ok, (report.lost, report.changed, report.problems)
     info = tracking.get_version(line["name"], result["version"])
@@ -267,6 +267,11 @@ def test_store_stopped_after_upload(own, record):
 def test_mlflow_stopped_mid_run(own, record):
     _retrain_with_fault(own, record, "MLflow server stopped mid-run", "extract",
                         lambda: stop(replace(own["cfg"], services=("mlflow",))), "extract features")
+    # the cause MLflow could not take when it died was kept and applied by the re-run (flows/debris.py)
+    client = tracking._client()
+    experiment = client.get_experiment_by_name(tracking.experiment_name(own["line"]["line"]))
+    late = client.search_runs([experiment.experiment_id], "tags.failure_recorded_late = 'true'")
+    assert late and late[0].info.status == "FAILED" and late[0].data.tags["failed_step"] == "extract features"
 
 
 @pytest.mark.slow

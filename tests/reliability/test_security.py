@@ -10,6 +10,7 @@ import ast
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -162,9 +163,9 @@ def test_planted_pickle_model_in_the_registry_is_refused(env, tmp_path, record):
 def test_unsafe_line_names_are_refused(line, tmp_path, record):
     with pytest.raises(ConfigError, match="product line name"):
         validate({"lines": {line: {"data": str(tmp_path)}}})
-    params = tmp_path / "params.yaml"
-    params.write_text("lines: {}\n")
-    with pytest.raises(ConfigError, match="unknown product line"):
+    params = tmp_path / "params.yaml"  # the unsafe name *is* a line of the file: refused as a name, not unknown
+    params.write_text(json.dumps({"lines": {line: {"data": str(tmp_path)}}}))
+    with pytest.raises(ConfigError, match="product line name"):
         line_config(params, line)
     model = tmp_path / "m"
     model.mkdir()
@@ -177,7 +178,10 @@ def test_unsafe_line_names_are_refused(line, tmp_path, record):
 
 # ------------------------------------------------------------------------------------------------ credentials
 def _secrets(state) -> list[bytes]:
-    return [state.access_key.encode(), state.secret_key.encode()]
+    from infra.credentials import service_secrets
+
+    return [state.access_key.encode(), state.secret_key.encode(),
+            *(value.encode() for value in service_secrets(state.root).values())]
 
 
 def _files_with_secrets(root: Path, secrets: list[bytes], allowed: set[str]) -> list[str]:
@@ -204,7 +208,8 @@ def test_credentials_never_in_mlflow_prefect_logs_or_store(services, champion_li
     for info in tracking.list_versions(champion_line["name"]):
         leaks += [f"version {info['version']}" for s in secrets if s in json.dumps(info["tags"]).encode()]
     # Service state and logs (SQLite databases of MLflow and Prefect included), except the two key files.
-    leaks += _files_with_secrets(services.root, secrets, {"credentials.json", "s3.json"})
+    leaks += _files_with_secrets(services.root, secrets, {"credentials.json", "s3.json", "service-secrets.json",
+                                                          "security.toml", "auth.ini"})
     # The clients' root: DVC data registry, feature cache, work folders; `.dvc/config.local` is the
     # credentials file DVC reads (0600, git-ignored), checked separately below.
     leaks += _files_with_secrets(champion_line["root"], secrets, {"config.local"})
@@ -225,17 +230,44 @@ def test_credentials_never_in_mlflow_prefect_logs_or_store(services, champion_li
     assert (services.root / "credentials.json").stat().st_mode & 0o077 == 0
 
 
+_SECRET_PATTERNS = (
+    re.compile(rb"AKIA[0-9A-Z]{16}"),  # AWS access key ids
+    re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(rb"(?i)(secret_access_key|secret_key|admin_password|auth_string)\s*[=:]\s*[\"']?[A-Za-z0-9/+_\-]{20,}"),
+)
+
+
+def _local_secrets() -> list[bytes]:
+    """The keys of this checkout's own services (`.defectops/`), when it has run them."""
+    found = []
+    for name in ("credentials.json", "service-secrets.json"):
+        path = PROJECT / ".defectops" / name
+        if path.is_file():
+            found += [str(v).encode() for v in json.loads(path.read_text()).values() if len(str(v)) >= 16]
+    return found
+
+
 def test_no_credentials_in_the_repository(record):
-    tracked = subprocess.run(["git", "-C", str(PROJECT), "ls-files"], capture_output=True, text=True).stdout.split()
+    """Every tracked file's *content* (not only its name) is free of key-like strings and of this checkout's
+    own service keys; the key files are git-ignored."""
+    tracked = subprocess.run(["git", "-C", str(PROJECT), "ls-files", "-z"], capture_output=True).stdout.split(b"\0")
+    own = _local_secrets()
     suspicious = []
-    for rel in tracked:
+    for rel in filter(None, (t.decode() for t in tracked)):
         path = PROJECT / rel
-        if path.name in ("credentials.json", "config.local", "s3.json") or path.suffix in (".pem", ".key"):
+        if path.name in ("credentials.json", "config.local", "s3.json", "service-secrets.json") or \
+                path.suffix in (".pem", ".key"):
+            suspicious.append(rel)
+        if not path.is_file() or path.stat().st_size > 8 << 20:
+            continue
+        data = path.read_bytes()
+        if any(p.search(data) for p in _SECRET_PATTERNS) or any(s in data for s in own):
             suspicious.append(rel)
     ignored = subprocess.run(["git", "-C", str(PROJECT), "check-ignore", "-q", ".defectops/credentials.json"])
-    record("security", "no credential files tracked in git; .defectops ignored")
+    record("security", f"no credentials in the content of {len(tracked)} tracked files; .defectops ignored")
     assert not suspicious, suspicious
     assert ignored.returncode == 0
+    assert _SECRET_PATTERNS[2].search(b'secret_key = "' + b"a1" * 16 + b'"')  # the scan itself can fire
 
 
 # ------------------------------------------------------------------------------------------------ network

@@ -54,7 +54,7 @@ def test_fit_writes_a_model_with_manifest_and_threshold(fitted_line) -> None:
     assert manifest["method"] == "patchcore"
     assert {"bank.safetensors", "backbone.safetensors", "metadata.json", "threshold.json"} <= set(manifest["files"])
     det = load_detector(model)
-    assert det.threshold_ is not None and det.threshold_.n_calibration == 2  # 8 train images, fraction 0.25
+    assert det.threshold_ is not None and det.threshold_.n_calibration == 8  # crossfit: all 8 train images
     assert det.cfg.backbone.name == "test_resnet"
     assert sorted(p.name for p in model.parent.iterdir() if p.name.startswith(".")) == []
 
@@ -63,7 +63,7 @@ def test_fit_with_overrides_and_max_train(tmp_path: Path, tiny_line: Path, param
     model = tmp_path / "m2"
     code = main(["fit", "--data", str(tiny_line), "--out", str(model), "--config", str(params_file), "--quiet",
                  "--set", "detector.patchcore.coreset_ratio=0.5", "--set", "data.calibration_fraction=0",
-                 "--max-train", "4"])
+                 "--set", "threshold.calibration=holdout", "--max-train", "4"])
     assert code == 0
     det = load_detector(model)
     assert det.cfg.detector.patchcore.coreset_ratio == 0.5

@@ -173,3 +173,24 @@ def test_digest_follows_model_params_not_services() -> None:
     assert load_config(None, ["data.image_size=[224, 224]"]).digest() != base.digest()
     assert load_config(None, ["services.s3_port=9000", "services.bucket=other"]).digest() == base.digest()
     assert load_config(None, ["lines.cookie.data=/x"]).digest() == base.digest()
+
+
+def test_packaged_defaults_are_what_params_yaml_ships():
+    """One source of defaults: run outside the checkout (no params.yaml), `defectops fit --set
+    detector.method=dinomaly` must behave as it does inside it. Every setting params.yaml writes equals the
+    typed default, except the product lines it lists."""
+    from pathlib import Path
+
+    shipped = load_config(Path(__file__).resolve().parents[2] / "params.yaml").to_dict()
+    packaged = load_config(None).to_dict()
+
+    def differences(a, b, where=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                yield from differences(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{where}.{key}".lstrip("."))
+        elif a != b:
+            yield f"{where}: packaged {a!r}, params.yaml {b!r}"
+
+    shipped.pop("lines", None)
+    packaged.pop("lines", None)
+    assert list(differences(packaged, shipped)) == []

@@ -152,7 +152,7 @@ def test_shapes_through_the_model_with_a_tiny_random_vit() -> None:
 
 
 def test_register_tokens_are_removed() -> None:
-    params = DinomalyConfig(vit_name="vit_small_patch14_reg4_dinov2", vit_weights="random",
+    params = DinomalyConfig(vit_name="vit_small_patch14_reg4_dinov2", vit_weights="random", encoder="vit",
                             target_layers=(2, 3), decoder_depth=2)
     encoder, _ = build_encoder(params, BackboneConfig())
     tokens = encoder(torch.rand(1, 3, 28, 28))
@@ -282,3 +282,58 @@ def test_fit_unified_equals_fit_on_the_union(tmp_path: Path, textures) -> None:
     union = Dinomaly(copy.deepcopy(cfg)).fit(textures([0, 1, 2, 0, 1]))
     for a, b in zip(unified.net_.state_dict().values(), union.net_.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------- issue 18: options beside defaults
+def test_shared_cnn_embedding_overlaps_stages_and_keeps_their_geometry() -> None:
+    params = DinomalyConfig(**{**TINY_DINOMALY, "cnn_embedding": "shared"})
+    backbone = BackboneConfig(name="mobilenetv2_050", weights="random")
+    encoder, _ = build_encoder(params, backbone)
+    blocks, _ = build_encoder(DinomalyConfig(**TINY_DINOMALY), backbone)
+    images = torch.rand(2, 3, 64, 64)
+    shared, separate = encoder(images), blocks(images)
+    assert encoder.embed_dim == max(encoder.channels) < sum(encoder.channels)
+    start = 0
+    for s, b, c in zip(shared.layers, separate.layers, encoder.channels, strict=True):
+        own = b[..., start:start + c]  # the stage's own (normalised) tokens
+        start += c
+        assert s.shape == (2, 64, encoder.embed_dim)
+        torch.testing.assert_close(s.norm(dim=-1), torch.ones(2, 64))  # lengths kept
+        torch.testing.assert_close(s @ s.transpose(1, 2), own @ own.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    # overlapping: every stage writes into the same channels (blocks: disjoint supports)
+    supports = [(layer.abs().sum(dim=(0, 1)) > 0) for layer in shared.layers]
+    assert all((supports[0] & s).any() for s in supports[1:])
+    for m in encoder.projections():
+        torch.testing.assert_close(m.T @ m, torch.eye(m.shape[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_embedding_fit_and_round_trip(tmp_path: Path, textures) -> None:
+    det = Dinomaly(tiny_cfg(cnn_embedding="shared", iterations=2)).fit(textures(range(4)))
+    path = det.save(tmp_path / "model")
+    loaded = load_detector(path)
+    assert loaded.net_.encoder.embedding == "shared"
+    for a, b in zip(loaded.net_.encoder.projections(), det.net_.encoder.projections(), strict=True):
+        assert torch.equal(a, b)
+    good = textures([100, 101])
+    np.testing.assert_array_equal(loaded.score(good).anomaly_maps, det.score(good).anomaly_maps)
+
+
+def test_prefix_tokens_pass_through_the_decoder_and_are_stripped_at_the_output() -> None:
+    params = DinomalyConfig(vit_name="vit_small_patch14_reg4_dinov2", vit_weights="random", encoder="vit",
+                            target_layers=(2, 3), decoder_depth=2, vit_prefix_tokens="decode")
+    encoder, _ = build_encoder(params, BackboneConfig())
+    dropped, _ = build_encoder(params.model_copy(update={"vit_prefix_tokens": "drop"}), BackboneConfig())
+    images = torch.rand(1, 3, 28, 28)
+    tokens = encoder(images)
+    assert tokens.grid == (2, 2) and [t.shape for t in tokens.layers] == [(1, 5 + 4, 384)] * 2  # CLS + 4 reg
+    torch.testing.assert_close(tokens.layers[0][:, 5:], dropped(images).layers[0])  # same patch tokens
+    net = DinomalyNet(encoder, num_layers=2, num_groups=2, decoder_depth=2).eval()
+    encoded = net.encode(images)
+    assert encoded.fused.shape == (1, 9, 384)  # the prefix tokens enter the bottleneck ...
+    out = net(images)
+    assert [t.shape for t in out.encoder + out.decoder] == [(1, 384, 2, 2)] * 4  # ... and leave at the output
+    # the prefix tokens change the decoded patch tokens (linear attention mixes every token)
+    plain = DinomalyNet(dropped, num_layers=2, num_groups=2, decoder_depth=2).eval()
+    plain.load_state_dict(net.state_dict())
+    assert not torch.allclose(plain(images).decoder[0], out.decoder[0])
+    torch.testing.assert_close(plain(images).encoder[0], out.encoder[0])

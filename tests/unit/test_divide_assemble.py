@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from components.config import ConfigError
-from components.detector import ArtifactError, NotFittedError, create_detector, registered_detectors
+from components.detector import (
+    ArtifactError,
+    NotFittedError,
+    create_detector,
+    load_detector,
+    registered_detectors,
+)
 from components.divide_assemble.config import DivideAssembleConfig
 from components.divide_assemble.detector import DivideAssemble, to_working_size
 from components.divide_assemble.losses import (
@@ -32,7 +38,7 @@ from components.divide_assemble.memory import (
     block_divide,
     hard_shrink,
 )
-from components.divide_assemble.networks import Generator, PatchDiscriminator
+from components.divide_assemble.networks import DiscriminatorFeatures, Generator, PatchDiscriminator
 from components.training import fit_line
 from tests.conftest import TINY_METHOD_PARAMS
 from tests.unit._trained import (
@@ -224,3 +230,40 @@ def test_fit_line_passes_log_step_and_checkpoints(tmp_path: Path, make_line) -> 
     assert json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())["step"] == 4
     assert result.detector.is_fitted and result.detector.threshold_ is not None
     assert result.detector.fit_stats_["n_images"] == result.n_fit
+
+
+# ------------------------------------------------------------------------- issue 18: options beside defaults
+def test_discriminator_features_are_its_latent_activations() -> None:
+    torch.manual_seed(0)
+    disc = PatchDiscriminator((8, 16))
+    x = torch.rand(2, 3, 32, 32)
+    feats = DiscriminatorFeatures(disc)(x)
+    assert [f.shape for f in feats] == [(2, 8, 16, 16), (2, 16, 8, 8)]
+    h = torch.nn.functional.leaky_relu(disc.net[0](x * 2 - 1), 0.2)
+    torch.testing.assert_close(feats[0], h)
+    torch.testing.assert_close(disc.net[-1](feats[-1]), disc(x))  # the logits sit on top of them
+
+
+def test_discriminator_alignment_fit_score_and_round_trip(tmp_path: Path, textures) -> None:
+    det = DivideAssemble(tiny_cfg(align_features="discriminator", iterations=3)).fit(textures(range(4)))
+    assert det.discriminator_ is not None and isinstance(det.aligner(), DiscriminatorFeatures)
+    good = textures([100, 101])
+    out = det.score(good)
+    assert out.anomaly_maps.shape == (2, 64, 64) and np.isfinite(out.anomaly_maps).all()
+    loaded = load_detector(det.save(tmp_path / "model"))
+    np.testing.assert_array_equal(loaded.score(good).anomaly_maps, out.anomaly_maps)
+    imagenet = DivideAssemble(tiny_cfg(iterations=3)).fit(textures(range(4)))  # the default: ImageNet features
+    assert imagenet.discriminator_ is None and imagenet.aligner() is imagenet.extractor_
+    assert not np.array_equal(imagenet.score(good).anomaly_maps, out.anomaly_maps)
+
+
+def test_working_size_can_follow_the_data_size(textures) -> None:
+    p = DivideAssembleConfig(**{**TINY, "image_size": 0})
+    assert p.working_size((64, 64)) == 64 and DivideAssembleConfig(**TINY).working_size((64, 64)) == 64
+    assert DivideAssembleConfig().working_size((256, 256)) == 128  # the default: 128 whatever the data
+    with pytest.raises(ValueError, match="square"):
+        p.working_size((64, 48))
+    with pytest.raises(ValueError, match="not divisible"):
+        p.working_size((40, 40))
+    det = DivideAssemble(tiny_cfg(image_size=0, iterations=1)).fit(textures(range(4)))
+    assert det.working_size() == 64 and det.score(textures([100])).anomaly_maps.shape == (1, 64, 64)

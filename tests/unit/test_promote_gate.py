@@ -10,7 +10,7 @@ from components.config import PromotionConfig
 from flows.promote import decide, metrics_from_tags
 
 CFG = PromotionConfig(image_auroc_tolerance=0.01, aupro_tolerance=0.02, latency_budget_ms=100.0,
-                      min_image_auroc=0.7, min_aupro=0.3)
+                      min_image_auroc=0.7, min_aupro=0.3, max_false_reject_rate=None, max_escape_rate=None)  # operating point: below
 CHAMP = {"image_auroc": 0.90, "aupro": 0.80, "ms_per_image": 50.0}
 
 
@@ -42,7 +42,7 @@ def test_first_version_below_a_floor_is_rejected(overrides, failing):
 def test_equal_to_champion_or_within_tolerance_is_promoted():
     assert decide(cand(), CHAMP, CFG).promote is True
     d = decide(cand(image_auroc=0.891, aupro=0.781), CHAMP, CFG)  # worse, but inside both tolerances
-    assert d.promote is True and len(d.reasons) == 3
+    assert d.promote is True and len([r for r in d.reasons if "not gated" not in r]) == 3
 
 
 @pytest.mark.parametrize("overrides, failing", [
@@ -94,7 +94,7 @@ def test_metrics_from_tags_parses_and_keeps_nan():
 
 
 def test_aupro_is_not_gated_when_the_pinned_data_has_no_masks():
-    cfg = PromotionConfig(min_aupro=0.5)
+    cfg = PromotionConfig(min_aupro=0.5, max_false_reject_rate=None, max_escape_rate=None)
     unmasked = {"image_auroc": 0.9, "aupro": float("nan"), "ms_per_image": 10.0, "n_masked": 0}
     first = decide(unmasked, None, cfg)
     assert first.promote and any("no defect masks" in r for r in first.reasons)
@@ -102,3 +102,35 @@ def test_aupro_is_not_gated_when_the_pinned_data_has_no_masks():
     assert not against.promote  # image AUROC still gated
     masked = {**unmasked, "n_masked": 3}
     assert not decide(masked, None, cfg).promote  # with masks, a NaN AUPRO still fails
+
+
+OP_CFG = CFG.model_copy(update={"max_false_reject_rate": 0.1, "max_escape_rate": 0.5})
+
+
+def op_cand(rejects: int, n_good: int = 14, escapes: int = 3, n_bad: int = 32, **overrides):
+    from components.operating_point import clopper_pearson
+
+    frr_lo, frr_hi = clopper_pearson(rejects, n_good)
+    esc_lo, esc_hi = clopper_pearson(escapes, n_bad)
+    return cand(false_reject_rate=rejects / n_good, false_reject_rate_lower=frr_lo, false_reject_rate_upper=frr_hi,
+                n_false_rejects=rejects, n_good=n_good, escape_rate=escapes / n_bad, escape_rate_lower=esc_lo,
+                escape_rate_upper=esc_hi, n_escapes=escapes, n_defective=n_bad, **overrides)
+
+
+def test_operating_point_gate_refuses_a_model_rejecting_every_good_image():
+    """Issue 15: 14 of 14 good images rejected with image AUROC 1.0 used to be promoted."""
+    d = decide(op_cand(14, image_auroc=1.0, aupro=0.9), None, OP_CFG)
+    assert d.promote is False
+    reason = next(r for r in d.reasons if r.startswith("false_reject_rate"))
+    assert "false_reject_rate 1.0000 (14/14 images, 95% CI 0.768-1.000) > promotion.max_false_reject_rate 0.1: fail" == reason
+    assert decide(op_cand(1), None, OP_CFG).promote is True  # 1/14 = 0.071 <= 0.1
+    assert decide(op_cand(2), CHAMP, OP_CFG).promote is False  # also against a champion
+
+
+def test_operating_point_gate_escape_bound_and_missing_values():
+    d = decide(op_cand(0, escapes=20), None, OP_CFG)
+    assert d.promote is False and any(r.startswith("escape_rate 0.6250 (20/32") and r.endswith("fail")
+                                      for r in d.reasons)
+    assert decide(cand(), None, OP_CFG).promote is False  # no operating point measured: never passes
+    d = decide(cand(), None, CFG)  # both bounds null: not gated, and said so
+    assert d.promote is True and sum("not gated" in r for r in d.reasons) == 2

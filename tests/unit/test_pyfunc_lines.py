@@ -25,7 +25,7 @@ def test_line_column_selects_each_lines_threshold(tmp_path: Path) -> None:
     expected = [det.line_thresholds_["alpha"].image] * 3 + [det.line_thresholds_["beta"].image] * 3
     assert np.allclose(out["threshold"], expected)
     assert np.allclose(out["score"][:3], out["score"][3:])  # same network, same images
-    assert set(out["decision"]) <= {"anomalous", "good"}
+    assert set(out["decision"]) <= {"defective", "good"}
     no_line = predict_frame(det, frame[["image_path"]])  # a unified model has no single threshold
     assert no_line["decision"].isna().all()
     with pytest.raises(ValueError, match="gamma"):

@@ -42,7 +42,9 @@ def test_bad_schedule_settings_name_the_key(tmp_path, line, match):
 def test_deployments_carry_the_lines_timezone_and_the_inference_schedule(tmp_path):
     params = _params(tmp_path, cron="0 3 * * *", timezone="Europe/Berlin",
                      inference={"cron": "30 6 * * 1-5", "images": ["incoming"]})
-    retrain, inference = deployments(params)
+    retrain, inference, monitor = deployments(params)
+    assert monitor.name == "monitor-cookie" and monitor.entrypoint == "flows.monitor.monitor"
+    assert [(s.schedule.cron, s.schedule.timezone) for s in monitor.schedules] == [("*/15 * * * *", "Europe/Berlin")]
     assert retrain.name == deployment_name("cookie") and inference.name == inference_deployment_name("cookie")
     assert [(s.schedule.cron, s.schedule.timezone) for s in retrain.schedules] == [("0 3 * * *", "Europe/Berlin")]
     assert [(s.schedule.cron, s.schedule.timezone) for s in inference.schedules] == [("30 6 * * 1-5", "Europe/Berlin")]

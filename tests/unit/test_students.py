@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import components.torch_detector as torch_detector
+import components.detector as detector_module
 from components.config import ConfigError
 from components.detector import ArtifactError, load_detector
 from components.students import teacher as teacher_module
@@ -261,7 +261,7 @@ def test_load_refuses_a_model_whose_students_do_not_fit(tmp_path: Path, textures
     meta = json.loads((path / "metadata.json").read_text())
     meta["config"]["detector"]["students"]["num_students"] = 3
     (path / "metadata.json").write_text(json.dumps(meta))
-    monkeypatch.setattr(torch_detector, "read_saved_model",
+    monkeypatch.setattr(detector_module, "read_saved_model",
                         lambda d, m, n: ({p.name: p for p in Path(d).iterdir()}, meta))
     with pytest.raises(ArtifactError, match="students.safetensors: does not fit"):
         Students.load(path)
@@ -286,3 +286,72 @@ def test_a_damaged_cached_teacher_is_trained_again(tmp_path: Path, textures) -> 
     assert again.fit_stats_["teacher_reused"] == 0.0
     assert Students(cfg).fit(textures(range(4))).fit_stats_["teacher_reused"] == 1.0  # the cache was repaired
     assert_same_weights(first.net_.teacher, again.net_.teacher)  # teacher training is deterministic
+
+
+# ------------------------------------------------------------------------- issue 18: options beside defaults
+def test_paper_compactness_sums_the_off_diagonal_correlations() -> None:
+    x = torch.randn(256, 1, generator=torch.Generator().manual_seed(0))
+    signed = torch.cat([x, x, -x], dim=1)  # c01 = 1, c02 = c12 = -1: 2 * (1 - 1 - 1) = -2
+    assert compactness_loss(signed, "sum").item() == pytest.approx(-2.0, abs=1e-4)
+    assert compactness_loss(signed, "squared").item() == pytest.approx(6.0, abs=1e-4)
+    assert compactness_loss(signed).item() == compactness_loss(signed, "squared").item()  # the default
+    same = torch.cat([x, x], dim=1)
+    assert compactness_loss(same, "sum").item() == pytest.approx(2.0, abs=1e-4)
+    with pytest.raises(ValueError, match="expected"):
+        compactness_loss(same, "abs")
+
+
+def test_teacher_source_images_and_cache_key(tmp_path: Path) -> None:
+    from PIL import Image
+
+    base = StudentsConfig()
+    key = teacher_digest(base, "m", "a" * 64)
+    # defaults unchanged: the skimage source adds nothing to the key (caches from before stay valid)
+    assert teacher_module.source_key(base, None) is None
+    assert "compactness" not in base.teacher_fields() and "teacher_source" not in base.teacher_fields()
+    assert base.model_copy(update={"compactness": "sum"}).teacher_fields()["compactness"] == "sum"
+    line = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    own = base.model_copy(update={"teacher_source": "line"})
+    images = teacher_module.teacher_images(own, line)
+    assert len(images) == 3 and torch.equal(images[0], line[0])
+    k_line = teacher_digest(own, "m", "a" * 64, teacher_module.source_key(own, line))
+    k_other = teacher_digest(own, "m", "a" * 64, teacher_module.source_key(own, line.flip(-1)))
+    assert len({key, k_line, k_other}) == 3  # keyed by the source and by the line's images
+    with pytest.raises(ValueError, match="needs the line"):
+        teacher_module.teacher_images(own, None)
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((30, 20, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / f"{i}.png")
+    folder = base.model_copy(update={"teacher_source": "folder", "teacher_folder": tmp_path})
+    assert [im.shape for im in teacher_module.teacher_images(folder, None)] == [(3, 30, 20)] * 2
+    mix = base.model_copy(update={"teacher_source": "mix", "teacher_folder": tmp_path})
+    assert len(teacher_module.teacher_images(mix, line)) == len(teacher_module.NATURAL_IMAGES) + 3 + 2
+    k_folder = teacher_digest(folder, "m", "a" * 64, teacher_module.source_key(folder, None))
+    Image.fromarray(np.zeros((30, 20, 3), np.uint8)).save(tmp_path / "1.png")  # a changed image: a new key
+    assert k_folder != teacher_digest(folder, "m", "a" * 64, teacher_module.source_key(folder, None))
+    with pytest.raises(ValueError, match="teacher_folder"):
+        StudentsConfig(teacher_source="folder")
+
+
+def test_line_teacher_fit_with_the_paper_compactness_and_three_scales(tmp_path: Path, textures) -> None:
+    cfg = tiny_cfg(tmp_path / "services", teacher_cache=True, teacher_source="line", compactness="sum",
+                   patch_sizes=[5, 9, 17])
+    det = Students(cfg).fit(textures(range(6)))
+    assert det.teacher_desc_["source"] == "line" and det.fit_stats_["teacher_reused"] == 0.0
+    assert set(det.net_.teacher.keys()) == {"p5", "p9", "p17"}
+    again = Students(cfg).fit(textures(range(6)))
+    assert again.fit_stats_["teacher_reused"] == 1.0
+    other = Students(cfg).fit(textures(range(1, 7)))  # other good images: another teacher
+    assert other.fit_stats_["teacher_reused"] == 0.0
+    loaded = load_detector(det.save(tmp_path / "model"))
+    good = textures([100, 101])
+    np.testing.assert_array_equal(loaded.score(good).anomaly_maps, det.score(good).anomaly_maps)
+
+
+def test_working_size_scores_at_that_side_and_returns_input_sized_maps(textures) -> None:
+    det = Students(tiny_cfg(image_size=32)).fit(textures(range(4)))
+    assert det.working(torch.rand(1, 3, 64, 64)).shape == (1, 3, 32, 32)
+    out = det.score(textures([100, 101]))  # 64 px in, 32 px inside, 64 px maps out
+    assert out.anomaly_maps.shape == (2, 64, 64) and np.isfinite(out.anomaly_maps).all()
+    full = Students(tiny_cfg()).fit(textures(range(4)))  # the default, 0: the input's own size
+    assert full.working(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)

@@ -82,7 +82,10 @@ def test_round_trip_through_json(with_maps: bool) -> None:
     t = calibrate(rng.random(20), maps, false_reject_rate=0.05)
     again = Threshold.from_dict(json.loads(json.dumps(t.to_dict())))
     assert again == t
-    assert set(t.to_dict()) == {"image", "pixel", "false_reject_rate", "n_calibration"}
+    assert set(t.to_dict()) == {"image", "pixel", "false_reject_rate", "n_calibration", "confidence",
+                                "frr_upper_bound", "guaranteed"}  # calibration (method) only when given
+    old = {k: v for k, v in t.to_dict().items() if k in GOOD}  # a threshold.json saved before the bound
+    assert Threshold.from_dict(old).frr_upper_bound is None
 
 
 GOOD = {"image": 1.5, "pixel": 0.7, "false_reject_rate": 0.01, "n_calibration": 200}

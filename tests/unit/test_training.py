@@ -18,6 +18,8 @@ from components.training import fit_line, fit_options, to_uint8_image
 
 def test_fit_line_holds_out_calibration_and_reports_progress(tiny_config: Config, tiny_line: Path) -> None:
     calls: list[tuple[str, int, int | None]] = []
+    tiny_config = tiny_config.model_copy(update={"threshold": tiny_config.threshold.model_copy(
+        update={"calibration": "holdout"})})
     result = fit_line(tiny_config, tiny_line, progress=lambda *a: calls.append(a))
     assert (result.n_fit, result.n_calibration) == (6, 2)  # 8 train images, calibration_fraction 0.25
     assert result.detector.is_fitted and result.detector.threshold_ is not None
@@ -28,6 +30,36 @@ def test_fit_line_holds_out_calibration_and_reports_progress(tiny_config: Config
     assert ("features", 6, 6) in calls and ("calibration", 2, 2) in calls
     limited = fit_line(tiny_config, tiny_line, max_train_images=4)
     assert (limited.n_fit, limited.n_calibration) == (3, 1)
+
+
+def test_fit_line_crossfit_scores_every_train_image_out_of_fold(tiny_config: Config, tiny_line: Path) -> None:
+    """crossfit (the default): the deployed model is fitted on all 8 train images, the threshold calibrated on
+    8 out-of-fold scores, each from a model that did not see that image (a model scoring its own training
+    images gives ~0 with PatchCore), and the calibration's scores/image statistics are kept for monitoring."""
+    from components.training import crossfit_scores, fold_of
+
+    assert tiny_config.threshold.calibration == "crossfit"
+    result = fit_line(tiny_config, tiny_line)
+    det = result.detector
+    assert (result.n_fit, result.n_calibration) == (8, 8)
+    t = det.threshold_
+    assert t.n_calibration == 8 and t.calibration == "crossfit" and t.guaranteed is False
+    assert t.frr_upper_bound == pytest.approx(1 - 0.05 ** (1 / 8))
+    cal = det.calibration_
+    assert len(cal["image_scores"]) == len(cal["brightness"]) == len(cal["contrast"]) == 8
+    assert t.image == pytest.approx(max(cal["image_scores"]))
+    in_sample = det.score(next(iter(_stream(result.split.train, tiny_config)))).image_scores
+    assert np.median(cal["image_scores"]) > np.median(in_sample)  # out of fold: not scored by its own model
+    folds = fold_of(result.split.train, 5, 0)
+    assert sorted(np.bincount(folds).tolist()) == [1, 1, 2, 2, 2]
+    images = crossfit_scores(tiny_config, result.split.train)  # the image path (no features) agrees
+    assert np.allclose(images.image_scores, cal["image_scores"], rtol=1e-4)
+
+
+def _stream(samples, cfg):
+    from components.training import image_stream
+
+    return image_stream(samples, cfg.data)
 
 
 def test_fit_line_forwards_log_step_and_checkpoint_dir(tiny_config_for, tiny_line: Path, tmp_path: Path) -> None:
@@ -60,6 +92,13 @@ def test_evaluate_split(tiny_config: Config, tiny_line: Path) -> None:
     flat = result.metrics()
     assert flat["image_auroc"] == 1.0 and flat["ms_per_image"] > 0
     assert "square.image_auroc" in flat and "square.aupro" in flat
+    op = result.operating_point  # at the model's own threshold, counted from the records themselves
+    good = [r.score for r in result.records if r.label == 0]
+    bad = [r.score for r in result.records if r.label == 1]
+    assert op["overall"]["n_false_rejects"] == sum(s > det.threshold_.image for s in good) == flat["n_false_rejects"]
+    assert op["overall"]["n_escapes"] == sum(s <= det.threshold_.image for s in bad) == flat["n_escapes"]
+    assert flat["n_good"] == 3 and flat["n_defective"] == 3 and "square.escape_rate_upper" in flat
+    assert flat["calibration_frr_upper_bound"] == pytest.approx(det.threshold_.frr_upper_bound)
     masks = [r.mask for r in result.records]
     assert sum(m is not None for m in masks) == 3 and all(m.sum() == 256 for m in masks if m is not None)
     with pytest.raises(ValueError, match="no test images"):

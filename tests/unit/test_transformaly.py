@@ -176,7 +176,7 @@ def test_config_validation() -> None:
     with pytest.raises(WeightsError, match="do not exist"):
         tiny_net(cnn_blocks=[3, 4])  # test_resnet has 4 stages
     with pytest.raises(WeightsError, match="no offline weights"):
-        build_teacher(TransformalyConfig(vit_name="test_vit"), BackboneConfig())
+        build_teacher(TransformalyConfig(encoder="vit", vit_name="test_vit"), BackboneConfig())
 
 
 # ---------------------------------------------------------------------------------- detector, resume
@@ -214,7 +214,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path: Path, textures,
 def test_checkpoint_of_another_run_is_not_resumed(tmp_path: Path, textures) -> None:
     ckpt = tmp_path / "ckpt"
     Transformaly(tiny_cfg(checkpoint_every=3)).fit(textures(range(6)), checkpoint_dir=ckpt)
-    assert logged_steps(Transformaly(tiny_cfg(checkpoint_every=3, lr=1e-3)), textures(range(6)),
+    assert logged_steps(Transformaly(tiny_cfg(checkpoint_every=3, lr=5e-4)), textures(range(6)),
                         checkpoint_dir=ckpt)[0] == 1
     model = Transformaly(tiny_cfg(epochs=1)).fit(textures(range(4))).save(tmp_path / "model")
     with pytest.raises(ArtifactError, match="not a transformaly checkpoint"):
@@ -234,3 +234,48 @@ def test_save_load_round_trip_with_a_tiny_vit_and_metadata_labels(tmp_path: Path
     cnn = Transformaly(tiny_cfg(epochs=1)).fit(textures(range(4))).save(tmp_path / "cnn")
     meta = json.loads((cnn / "metadata.json").read_text())
     assert meta["label"] == "transformaly (cnn-variant)" and meta["paper_encoder"] is False
+
+
+# ---------------------------------------------------------------------------------- training mode (issue 18)
+def test_train_mode_puts_only_the_students_in_train_mode_with_dropout(textures) -> None:
+    net = tiny_net(**TINY_VIT, student_mode="train")
+    params = tiny_cfg(**TINY_VIT).detector.transformaly
+    net = TransformalyNet(net.teacher, params.blocks, "random", 0.0, seed=0, student_mode="train", dropout=0.5)
+    assert not net.training and not any(m.training for m in net.modules())  # built in eval mode
+    net.train()
+    assert all(m.training for m in net.student.modules())
+    assert not any(m.training for m in net.teacher.modules())  # the targets stay deterministic
+    drops = [m for m in net.student.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(m.p == 0.5 for m in drops)
+    inputs = net.teacher_pass(textures(range(2))).student_inputs()
+    torch.manual_seed(0)
+    one = net.student_pass(inputs)
+    two = net.student_pass(inputs)
+    assert any(not torch.equal(a, b) for a, b in zip(one, two, strict=True))  # dropout active
+    net.eval()
+    assert not any(m.training for m in net.modules())
+    three, four = net.student_pass(inputs), net.student_pass(inputs)
+    assert all(torch.equal(a, b) for a, b in zip(three, four, strict=True))
+    # student_mode eval: train() changes nothing (the default, as before)
+    frozen = TransformalyNet(net.teacher, params.blocks, "random", 0.0, seed=0, dropout=0.5).train()
+    assert not any(m.training for m in frozen.modules())
+    assert all(m.p == 0.0 for m in frozen.student.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_train_mode_fit_is_seeded_and_resumes_exactly(tmp_path: Path, textures) -> None:
+    cfg = tiny_cfg(checkpoint_every=2, epochs=3, student_mode="train")  # BatchNorm on batch statistics
+    images = textures(range(6))
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    full = Transformaly(cfg).fit(images)
+    assert torch.equal(torch.rand(1), before)  # the caller's RNG is untouched
+    again = Transformaly(cfg).fit(images)
+    assert_same_weights(full.net_, again.net_)
+    assert not any(m.training for m in full.net_.modules())  # scored in eval mode
+    resumed, steps, left = fit_interrupted_then_resumed(lambda: Transformaly(cfg), images, tmp_path / "ckpt")
+    assert left == 2 and steps == [3, 4, 5, 6]
+    assert_same_weights(full.net_, resumed.net_)
+    eval_mode = Transformaly(tiny_cfg(epochs=3)).fit(images)
+    good = textures([100, 101])
+    assert not np.array_equal(full.score(good).image_scores, eval_mode.score(good).image_scores)

@@ -10,7 +10,7 @@ from components.config import PromotionConfig
 from flows.unified import combined_hash, decide_lines, mean_metrics
 
 CFG = PromotionConfig(image_auroc_tolerance=0.01, aupro_tolerance=0.01, latency_budget_ms=100.0,
-                      min_image_auroc=0.6, min_aupro=0.0)
+                      min_image_auroc=0.6, min_aupro=0.0, max_false_reject_rate=None, max_escape_rate=None)
 
 
 def _m(auroc: float, aupro: float = 0.5, ms: float = 10.0) -> dict:
