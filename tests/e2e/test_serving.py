@@ -90,6 +90,9 @@ def test_registry_champion_hot_swap_checksum_and_challenger(env, tiny, tmp_path)
                                 headers={"content-type": "image/png"}, timeout=120).json()["results"][0]
         assert challenger["model"]["version"] == v1 and challenger["alias"] == "challenger"
     tracking.end_run(run_id)
+    # the services are shared by the session: a version whose bank cannot be read would make `gc` (rightly)
+    # refuse to delete anything in a later test
+    tracking._client().delete_model_version(name, v3)
 
 
 def test_launcher_starts_reports_and_stops_the_service(env, tmp_path):

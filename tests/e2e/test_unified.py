@@ -52,6 +52,7 @@ def _params(tmp: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # 150 s / 50 s: the default suite stays near 14 min on 2 cores (make test-all runs it)
 def test_retrain_unified_serves_every_line(services, tmp_path, capsys):
     params = _params(tmp_path)
     name = unified_name("plant")
@@ -115,6 +116,7 @@ def test_retrain_unified_serves_every_line(services, tmp_path, capsys):
         assert tracking.version_for_alias(name, "champion") == "2"
 
 
+@pytest.mark.slow  # 150 s / 50 s: the default suite stays near 14 min on 2 cores (make test-all runs it)
 def test_retrain_logs_dinomaly_train_steps(services, tmp_path):
     """The per-line retrain flow forwards log_step to Dinomaly: train.* per step in the run; the checkpoint
     folder under services.root/checkpoints is used and removed once the model is saved."""
