@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -70,8 +71,9 @@ class Served:
     def threshold(self) -> Threshold | None:
         return getattr(self.detector, "threshold_", None)
 
-    @property
+    @cached_property
     def preprocess(self) -> Preprocess:
+        """Built once per served version: every request reads it (header check, decode, batch)."""
         return preprocess_for(self.detector.cfg.data)
 
     @property
