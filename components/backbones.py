@@ -233,7 +233,7 @@ class FeatureExtractor(nn.Module):
         """`forward` for inference: a traced, frozen graph per input size, dtype and device, with batch norm
         folded into the convolutions and their weights pre-packed for oneDNN (`torch.jit.freeze` +
         `optimize_for_inference`). About 3x faster than `forward` on CPU (mobilenetv2_100, 256 px, 2 threads:
-        12.7 against 39.8 ms at batch 1) and equal to it within float32 rounding (tests/unit/test_backbones.py).
+        12.7 against 39.8 ms at batch 1) and equal to it within float32 rounding (tests/unit/components/test_backbones.py).
         Plain `forward` while autograd is on or in training mode, and (logged once per size) where tracing
         fails. Built on first use; moving the module, `train()` or loading weights drops the graphs."""
         if torch.is_grad_enabled() or self.training:

@@ -290,10 +290,13 @@ def validate(raw: dict[str, Any], source: str = "params.yaml") -> Config:
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read params.yaml (or the embedded defaults when path is None), apply `--set` overrides, validate.
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                line: str | None = None) -> Config:
+    """Read params.yaml (or the embedded defaults when path is None), apply `line`'s own
+    `lines.<line>.overrides` (when a line is named), then the `--set` overrides, and validate once.
 
-    Relative `lines.*.data` paths are resolved against the params file's folder.
+    Relative `lines.*.data` paths are resolved against the params file's folder. ConfigError for an unknown
+    line.
     """
     raw: dict[str, Any] = {}
     base = Path.cwd()
@@ -313,9 +316,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         raw = copy.deepcopy(loaded or {})
         base = path.resolve().parent
+    if line is not None:
+        lines = raw.get("lines") if isinstance(raw.get("lines"), dict) else {}
+        if line not in lines:
+            raise ConfigError(f"unknown product line {line!r}; {source} has {sorted(lines)}")
+        own = lines[line].get("overrides") if isinstance(lines[line], dict) else None
+        if isinstance(own, dict):
+            for key, value in flatten(own).items():
+                set_path(raw, key, value)
     for text in overrides:
         key, value = parse_override(text)
         set_path(raw, key, value)
+    if overrides:
+        source = f"{source} with --set {' '.join(overrides)}"
     cfg = validate(raw, source=source)
     return _resolve_line_paths(cfg, base)
 

@@ -108,6 +108,16 @@ ProgressFn = Callable[[str, int, "int | None"], None]
 
 D = TypeVar("D", bound="BaseDetector")
 
+RUN_STATS = frozenset({"teacher_reused", "resumed_from_step", "steps_run", "extract_shards"})
+"""fit_stats_ keys that describe the run rather than the model (with every `*_s` timing): kept out of the
+saved model, so two identical fits write identical, content-addressed model folders (the flows log them to
+MLflow instead)."""
+
+
+def model_stats(stats: dict[str, float]) -> dict[str, float]:
+    """The fit statistics a saved model records: `stats` without timings (`*_s`) and RUN_STATS."""
+    return {k: v for k, v in stats.items() if not k.endswith("_s") and k not in RUN_STATS}
+
 
 class BaseDetector:
     """The plumbing every detector shares: configuration (`cfg`, and `params`: the `cfg.detector` section named
@@ -120,6 +130,10 @@ class BaseDetector:
     (from `common_metadata`), and save/load through `write_saved_model` / `open_saved_model`."""
 
     name: str = "base"
+    SAVED_BEFORE_DEFAULTS: dict[str, Any] = {}
+    """Fields of this method's section added after models were saved, with the value an older saved model
+    (which lacks them) was built with: load fills them in before validating, so a changed default never
+    reinterprets an older model."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -170,7 +184,7 @@ class BaseDetector:
     def common_metadata(self) -> dict:
         """The metadata.json fields every detector writes (subclasses add their own in `metadata`)."""
         return {"method": self.name, "library_version": VERSION, "config": self.cfg.to_dict(),
-                "fit_stats": self.fit_stats_}
+                "fit_stats": model_stats(self.fit_stats_)}
 
     def metadata(self) -> dict:
         return self.common_metadata()
@@ -196,6 +210,11 @@ class BaseDetector:
         """Load's start: the checksum-verified files (`needed` must be there), a detector configured from the
         saved config with its fit_stats_ and threshold set, and the parsed metadata.json."""
         files, meta = read_saved_model(directory, cls.name, needed)
+        section = meta.get("config", {}).get("detector", {}).get(cls.name) if isinstance(meta.get("config"), dict) \
+            else None
+        if isinstance(section, dict):  # fields added later: absent in an older model means the old behaviour
+            for key, value in cls.SAVED_BEFORE_DEFAULTS.items():
+                section.setdefault(key, value)
         det = cls(validate(meta["config"], source=str(files["metadata.json"])))
         det.fit_stats_ = meta.get("fit_stats", {})
         det.read_threshold(files)

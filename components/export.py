@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from components import maps
 from components.detector import (
     MANIFEST,
     ArtifactError,
@@ -57,24 +58,38 @@ __all__ = ["EXPORTERS", "FORMATS", "ExportedModel", "NotExportableError", "Parit
            "export_model", "openvino_missing", "parity", "parity_reference"]
 
 
-class ScoreBatchGraph(torch.nn.Module):
-    """A torch-trained detector's `score_batch` as one module, its networks registered (so their weights
-    become the graph's initialisers). forward: images (batch, 3, H, W) -> (scores (batch,), maps (batch, H, W)).
-    `batch` = 1: the native code loops over the images of a batch, which a trace would unroll."""
+class StudentsGraph(torch.nn.Module):
+    """Uninformed Students' scoring for one input size: the dense ensemble maps (StudentsNet, at its dense
+    stride) then the fixed per-axis upsample-and-blur operators of maps.to_input_resolution as constants
+    (built here, outside the trace, which would otherwise record the Resize that builds them), image score the
+    top mean. forward: images (1, 3, H, W) -> (scores (1,), maps (1, H, W)); traced at batch 1."""
 
-    def __init__(self, detector, batch: int = 1) -> None:
+    batch = 1
+
+    def __init__(self, detector, image_hw: tuple[int, int]) -> None:
         super().__init__()
-        self.detector, self.batch = detector, batch
-        self.nets = torch.nn.ModuleList(v for v in vars(detector).values() if isinstance(v, torch.nn.Module))
+        from components.students.networks import dense_size
+
+        params = detector.params
+        if params.image_size and params.image_size != image_hw[0]:
+            raise NotExportableError("students: a working image_size other than the input size needs an "
+                                     "antialiased resize, which onnxruntime has no kernel for")
+        self.net, self.top_ratio = detector.net_.eval(), params.top_ratio
+        stride, sigma = params.dense_stride, float(params.smoothing_sigma)
+        radius = maps.kernel_radius(sigma) if sigma > 0 else 0
+        mode = "reflect" if min(image_hw) > radius else "replicate"
+        for name, side in (("a_h", image_hw[0]), ("a_w", image_hw[1])):
+            self.register_buffer(name, maps.resize_blur_operator(dense_size(side, stride), side, sigma, mode).float())
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, amaps = self.detector.score_batch(images)
-        return torch.as_tensor(scores).float(), amaps.float()
+        dense = self.net(images)
+        amap = torch.matmul(torch.matmul(self.a_h, dense), self.a_w.T)
+        return maps.top_mean(amap, self.top_ratio), amap
 
 
 def _students_graph(detector, image_hw: tuple[int, int] | None, block: int) -> torch.nn.Module:
     detector.check_fitted()
-    return ScoreBatchGraph(detector, batch=1).eval()
+    return StudentsGraph(detector, image_hw).eval()
 
 
 # method name -> builder(detector, image_hw, block) of a module images (B, 3, H, W) -> (scores (B,), maps (B, H, W)).

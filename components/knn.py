@@ -43,8 +43,8 @@ class IndexReport:
     p99_rel_error: float
     probes: int
     target_recall: float
-    build_s: float
-    check_s: float
+    build_s: float = 0.0  # timings: not in a saved model's metadata (components.detector.model_stats)
+    check_s: float = 0.0
     fallback: str = ""  # why an approximate index was replaced by flat ("" if not)
 
     def as_dict(self) -> dict:

@@ -4,7 +4,7 @@
 linear and separable, so upsample-then-blur of a patch map P (h, w) is exactly A_h @ P @ A_w^T with
 A = blur (H, H) @ upsample (H, h). The (H, h) operators are built once per shape by applying the very same
 `upsample`/`gaussian_blur` steps to an identity, so the result equals the two-step path up to float32
-rounding (tests/unit/test_maps.py), at a fraction of the cost (a 33-tap blur of a 256 x 256 map becomes two
+rounding (tests/unit/components/test_maps.py), at a fraction of the cost (a 33-tap blur of a 256 x 256 map becomes two
 small matrix products).
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 
 @functools.lru_cache(maxsize=16)
-def _kernel_radius(sigma: float) -> int:
+def kernel_radius(sigma: float) -> int:
     return gaussian_kernel1d(sigma).numel() // 2
 
 
@@ -58,7 +58,7 @@ def to_input_resolution(patch_scores: torch.Tensor, size: tuple[int, int], sigma
     A_h @ patch_scores @ A_w^T with the per-axis operators of `resize_blur_operator`.
     """
     (h, w), (out_h, out_w) = tuple(patch_scores.shape[-2:]), tuple(size)
-    radius = _kernel_radius(float(sigma)) if sigma > 0 else 0
+    radius = kernel_radius(float(sigma)) if sigma > 0 else 0
     mode = "reflect" if min(out_h, out_w) > radius else "replicate"  # as gaussian_blur decides it
     a_h = resize_blur_operator(h, out_h, float(sigma), mode).to(patch_scores.dtype)
     a_w = resize_blur_operator(w, out_w, float(sigma), mode).to(patch_scores.dtype)

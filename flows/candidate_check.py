@@ -20,7 +20,7 @@ import numpy as np
 from components.data import scan_line
 from components.detector import load_detector
 from flows.pyfunc_model import fetch_detector, score_files
-from flows.storage import AccessDeniedError, EndpointUnreachableError, ObjectStore, StorageError
+from infra.storage import AccessDeniedError, EndpointUnreachableError, ObjectStore, StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flows.ops_cli import _ui, client_session, console, services_config, write_line_params
+from flows.demo_cli import write_line_params
+from flows.ops_cli import _ui, client_session, console, services_config
 
 LINE = "drift-demo"
 
@@ -158,12 +159,11 @@ def run_drift_demo(cfg, shift: float = 1.3, image_size: int = 128, retrain_timeo
             if out["retrain_state"] == "Completed":
                 import json
 
-                from flows import tracking
+                from flows import registry
                 from flows.retrain import model_name
-
-                tags = tracking.get_version(model_name(LINE), "@challenger")["tags"]
+                tags = registry.get_version(model_name(LINE), "@challenger")["tags"]
                 out["gate"] = {"version": tags.get("promotion.decision") and
-                               tracking.version_for_alias(model_name(LINE), "challenger"),
+                               registry.version_for_alias(model_name(LINE), "challenger"),
                                "decision": tags.get("promotion.decision"),
                                "reasons": json.loads(tags.get("promotion.reasons") or "[]")}
                 console.print(f"gate: version {out['gate']['version']} {out['gate']['decision']} "

@@ -2,7 +2,7 @@
 split with the native model and with each export, log the differences, and store the export (to be
 registered with the version) only when it is within `export:` tolerances of params.yaml.
 
-    out = export_candidate(run_id, model_dir, data_path, cfg_dict, work_dir, line)
+    out = export_candidate(run_id, model_dir, data_path, cfg, work_dir, line)
     out["status"]   # registered | refused | not_exportable | disabled
     out["tags"]     # export.* tags for the model version (export.uri / export.sha256 when registered)
 
@@ -22,7 +22,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from components.config import validate
+from components.config import Config
 from components.data import iter_batches, scan_line
 from components.detector import load_detector
 from components.export import (
@@ -36,7 +36,7 @@ from components.export import (
 )
 from components.training import preprocess_for
 from flows import tracking
-from flows.storage import ObjectStore
+from infra.storage import ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ EXPORT_PREFIX = "exports"  # s3://<bucket>/exports/<line>/<sha256>/... (content-
 
 
 def _retry(task_, task_run, state) -> bool:
-    from flows.retrain import retry_on_network_error  # flows.retrain imports this module
+    from flows.steps import retry_on_network_error  # lazily: flows.steps is the heavier module
 
     return retry_on_network_error(task_, task_run, state)
 
@@ -59,10 +59,9 @@ def _finish(run_id: str, status: str, reason: str = "", **tags) -> dict:
 
 
 @task(cache_policy=NO_CACHE)
-def export_candidate(run_id: str, model_dir: str, data_path: str, cfg_dict: dict, work_dir: str, line: str) -> dict:
+def export_candidate(run_id: str, model_dir: str, data_path: str, cfg: Config, work_dir: str, line: str) -> dict:
     """Export, compare on the eval split, log `export.*` metrics and parity.json, upload when it passes.
     An export or a comparison that raises is recorded as `failed` (with the error), never fails the run."""
-    cfg = validate(cfg_dict)
     if not cfg.export.enabled:
         return _finish(run_id, "disabled", "export.enabled is false")
     try:

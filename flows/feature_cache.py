@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from flows.storage import sha256_file
+from infra.storage import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ the score distribution are logged to an MLflow run in ``defectops/<line>`` tagge
 
 from __future__ import annotations
 
-import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,12 +20,13 @@ from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 
 from components.capabilities import MultiLine
-from components.config import Config, load_config, validate
+from components.config import Config, load_config
 from components.data import expand_images
 from components.detector import load_detector
 from components.prediction import DEFECTIVE, GOOD, write_predictions
-from flows import tracking
-from flows.retrain import model_name, object_store, retry_on_network_error
+from flows import registry, tracking
+from flows.names import serving_model
+from flows.steps import check_serves, object_store, retry_on_network_error
 
 
 def score_distribution(scores: np.ndarray) -> dict[str, float]:
@@ -43,27 +43,8 @@ def score_distribution(scores: np.ndarray) -> dict[str, float]:
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_network_error)
 def fetch_champion(name: str, dest: str) -> dict:
     """Download the champion's model directory (sha256 verified); returns its version info."""
-    _, info = tracking.load_champion(name, Path(dest))
+    _, info = registry.load_champion(name, Path(dest))
     return {k: info[k] for k in ("name", "version", "run_id", "tags")}
-
-
-def serving_model(cfg: Config, line: str) -> tuple[str, bool]:
-    """(registered model that serves `line`, whether it is a unified model): `lines.<line>.serve_from` when
-    set, else `defectops-<line>`."""
-    spec = cfg.lines.get(line)
-    if spec is not None and spec.serve_from:
-        return spec.serve_from, True
-    return model_name(line), False
-
-
-def check_serves(champion: dict, line: str) -> None:
-    """RegistryError unless the fetched unified champion was trained on `line` (its `lines` tag)."""
-    trained_on = json.loads(champion["tags"].get("lines") or "[]")
-    if line not in trained_on:
-        raise tracking.RegistryError(
-            f"{champion['name']}@champion (version {champion['version']}) was not trained on line {line!r} "
-            f"(it serves {trained_on or 'no lines'}): retrain it with that line (`defectops retrain-unified "
-            f"... --line {line}`) or remove lines.{line}.serve_from")
 
 
 @task(cache_policy=NO_CACHE)
@@ -84,7 +65,7 @@ def score_images(model_dir: str, images: list[str], out_dir: str, line: str | No
 
 
 @task(cache_policy=NO_CACHE)
-def record_decisions(cfg_dict: dict, line: str, name: str, version: str, predictions: list[dict],
+def record_decisions(cfg: Config, line: str, name: str, version: str, predictions: list[dict],
                      threshold: float | None) -> int:
     """Append the batch's decisions (alias "batch") to the service's decision record, keeping the images as
     `service.keep_images` says, so the drift monitor (flows/monitor.py) sees batch and served decisions alike."""
@@ -94,7 +75,6 @@ def record_decisions(cfg_dict: dict, line: str, name: str, version: str, predict
 
     from flows.service.decisions import Decision, DecisionStore, extension_for
 
-    cfg = validate(cfg_dict)
     store = DecisionStore(cfg.services.root.resolve() / "serving")
     try:
         rows, kept = [], []
@@ -142,7 +122,7 @@ def inference(product_line: str, images: list[str], params_path: str = "params.y
         scored = score_images(str(work / "model"), [str(p) for p in images], str(work / "results"),
                               product_line if unified else None)
         results = upload_results(str(work / "results"), ["inference", product_line, f"{stamp}-{flow_run_id}"])
-        record_decisions(cfg.to_dict(), product_line, name, champion["version"], scored["predictions"],
+        record_decisions(cfg, product_line, name, champion["version"], scored["predictions"],
                          scored.get("threshold"))
         run_id = tracking.start_run(product_line, f"inference-{stamp}", {
             "kind": "inference", "flow_run_id": flow_run_id, "model_name": name,

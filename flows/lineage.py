@@ -15,9 +15,9 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from flows import tracking
+from flows import registry, tracking
 from flows.promote import metrics_from_tags
-from flows.storage import (
+from infra.storage import (
     ChecksumError,
     ManifestError,
     ObjectNotFoundError,
@@ -81,7 +81,7 @@ def verify_bank(store: ObjectStore, uri: str, sha256: str) -> dict[str, Any]:
 def lineage(model_name: str, ref: str, store: ObjectStore) -> dict[str, Any]:
     """The full chain of one version (ref "@alias" or a version number) as a JSON-serialisable dict."""
     try:
-        info = tracking.get_version(model_name, ref)
+        info = registry.get_version(model_name, ref)
         run = tracking.get_run(info["run_id"]) if info.get("run_id") else None
     except tracking.RegistryError as exc:
         raise LineageError(f"lineage of {model_name} {ref}: {exc}") from None

@@ -27,12 +27,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 
+from components.capabilities import MultiLine
 from components.config import Config, load_config
 from components.data import decode_image
 from components.drift import drift_check, persistent
 from components.training import brightness_contrast, centroid_distances, preprocess_for
-from flows import tracking
-from flows.inference import serving_model
+from flows import registry, tracking
+from flows.names import serving_model
 from flows.schedules import deployment_name
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ def _plot(reference: dict, window: dict, threshold: float, path: Path) -> Path:
 def champion_calibration(name: str, dest: str, line: str | None = None) -> dict:
     """The champion's version, threshold and calibration (scores, image statistics); line: that line's
     view of a unified model."""
-    detector, info = tracking.load_champion(name, Path(dest))
-    if line is not None and hasattr(detector, "for_line"):
+    detector, info = registry.load_champion(name, Path(dest))
+    if line is not None and isinstance(detector, MultiLine):
         detector = detector.for_line(line)
     t = detector.threshold_
     if t is None or not getattr(detector, "calibration_", None):
@@ -158,7 +159,7 @@ def _alert(line: str, check: dict, version: str, name: str) -> None:
 def monitor(product_line: str, params_path: str = "params.yaml") -> dict:
     """Compare the latest decisions of `product_line` with its champion's calibration; alert on drift and
     start the retrain when it persists (see the module docstring). Returns the check as a dict."""
-    cfg = load_config(params_path).for_line(product_line)
+    cfg = load_config(params_path, line=product_line)
     mon, root = cfg.monitoring, cfg.services.root.resolve()
     tracking.configure(root=root)
     name, unified = serving_model(cfg, product_line)

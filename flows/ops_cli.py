@@ -1,5 +1,5 @@
 """The pipeline commands of `defectops`: up, down, status, retrain, retrain-all, retrain-unified, inference,
-serve, lineage, demo and prepare (the DVC `prepare` stage). flows/cli.py calls `register(app)`.
+serve, monitor, lineage, gc (demo and prepare: flows/demo_cli.py). flows/cli.py calls `register(app)`.
 
 Clients find the services in this order: DEFECTOPS_S3_ENDPOINT / MLFLOW_TRACKING_URI / PREFECT_API_URL
 already in the environment (production services, configured by environment alone), else the local services
@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -33,7 +30,6 @@ err_console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="params.yaml (default: ./params.yaml if present)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a parameter: key.path=value")]
-DEMO_CHANGE = "detector.patchcore.coreset_ratio=0.02"
 
 
 class ServicesDown(RuntimeError):
@@ -133,10 +129,10 @@ def _pipeline_errors():
     from flows.gc import GcError
     from flows.lineage import LineageError
     from flows.retrain import RetrainError
-    from flows.storage import StorageError
     from flows.tracking import RegistryError
     from flows.versioning import VersioningError
     from infra.services import PortInUseError, ServiceStartError
+    from infra.storage import StorageError
 
     return (RetrainError, StorageError, RegistryError, LineageError, VersioningError, ServiceStartError,
             PortInUseError, ServicesDown, GcError)
@@ -226,73 +222,25 @@ def print_inference(result: dict) -> None:
     console.print(f"  results: {result['results_uri']} (sha256 {result['results_sha256'][:16]}…)", highlight=False)
 
 
-# ------------------------------------------------------------------------------------------------ demo
-
-def write_line_params(cfg: Config, out: Path, line: str, data: Path, max_train_images: int | None,
-                      image_size: int | None) -> Path:
-    """A params file: `cfg` with `lines` replaced by the one line (and image_size when given)."""
-    raw = cfg.to_dict()
-    raw["services"]["root"] = str(cfg.services.root.resolve())
-    if image_size:
-        raw["data"]["image_size"] = [image_size, image_size]
-    raw["lines"] = {line: {"data": str(data.resolve()), "cron": "0 3 * * *", "max_train_images": max_train_images}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
-    load_config(out)  # fail here, not in the flow, if something does not validate
-    return out
-
-
-def run_demo(cfg: Config, data: Path | None = None, change: str = DEMO_CHANGE, image_size: int = 128,
-             max_train: int | None = None, stop_after: bool = False) -> dict:
-    """Start the services, build (or take) a line, retrain twice, run inference, return the lineage."""
-    from flows.demo_data import DemoSpec, build_demo_line
-    from infra.services import env_for_clients, start, stop
-
-    t0 = time.perf_counter()
-    root = cfg.services.root.resolve()
-    state = start(services_config(cfg))
-    console.print(f"services up in {time.perf_counter() - t0:.1f} s: " + ", ".join(f"{k} {v}" for k, v in _ui(state).items()),
-                  highlight=False)
-    if data is None:
-        line, source = "demo", build_demo_line(root / "demo" / "line", DemoSpec())
-    else:
-        line, source = re.sub(r"[^A-Za-z0-9._-]+", "-", data.resolve().name).strip("-._") or "line", data
-    params = write_line_params(cfg, root / "demo" / "params.yaml", line, source, max_train, image_size)
-    timings: dict[str, float] = {}
-    try:
-        with client_session(cfg, env_for_clients(state)):
-            from flows.inference import inference
-            from flows.lineage import lineage, render
-            from flows.retrain import model_name, retrain
-            from flows.storage import ObjectStore
-
-            for i, overrides in enumerate(([], [change]), start=1):
-                console.rule(f"retrain {i} of 2" + (f" with {change}" if overrides else ""))
-                t = time.perf_counter()
-                print_retrain(retrain(line, str(params), overrides))
-                timings[f"retrain_{i}_s"] = time.perf_counter() - t
-            console.rule("inference with @champion")
-            t = time.perf_counter()
-            print_inference(inference(line, [str(Path(source) / "test")], str(params)))
-            timings["inference_s"] = time.perf_counter() - t
-            console.rule("lineage of @champion")
-            info = lineage(model_name(line), "@champion", ObjectStore.from_env())
-            console.print(render(info), highlight=False, soft_wrap=True)
-    finally:
-        if stop_after:
-            stop(services_config(cfg))
-    timings["total_s"] = time.perf_counter() - t0
-    console.rule("done")
-    for key, value in _ui(state).items():
-        console.print(f"{key:18} {value}", highlight=False)
-    console.print(f"demo finished in {timings['total_s']:.0f} s"
-                  + ("; services stopped" if stop_after else "; stop the services with `defectops down`"))
-    return {"line": line, "params": str(params), "lineage": info, "timings": timings}
-
-
 # ------------------------------------------------------------------------------------------------ commands
 
-def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per command
+def register(app: typer.Typer) -> None:
+    """Every pipeline command, by group (one nested function per command)."""
+    register_services(app)
+    register_runs(app)
+    from flows.schedule_cli import register as register_schedules
+
+    register_schedules(app)  # `serve`: in the foreground, or --detach as a managed service
+    from flows.monitor_cli import register as register_monitor
+
+    register_monitor(app)  # `monitor`: drift of the recorded decisions (issue 15)
+    register_records(app)
+    from flows.demo_cli import register as register_demo
+
+    register_demo(app)  # `demo` (the main job) and `prepare` (the DVC stage)
+
+
+def register_services(app: typer.Typer) -> None:
     @app.command()
     def up(config: ConfigOpt = None) -> None:
         """Start the local object store, MLflow server and Prefect server (reusing healthy ones)."""
@@ -346,13 +294,15 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
             table.add_row(st.name, str(st.pid or "-"), str(st.alive), str(st.healthy), st.url)
         console.print(table)
 
+
+def register_runs(app: typer.Typer) -> None:
     @app.command("retrain")
     def retrain_cmd(line: Annotated[str, typer.Argument(help="product line in params.yaml")],
                     config: ConfigOpt = None, set_: SetOpt = None) -> None:
         """Retrain one line: version data, features, model, evaluate, register, promotion gate."""
         path = _params_path(config)
         cfg = load_config(path)
-        from flows.retrain import line_config
+        from flows.steps import line_config
 
         line_config(path, line, list(set_ or []))  # an unknown line or a bad --set: one line, exit 2, no flow run
         with clear_errors(), client_session(cfg):
@@ -380,6 +330,10 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
         """Train ONE Dinomaly model on several lines, register it once, gate it per line."""
         path = _params_path(config)
         cfg = load_config(path)
+        from flows.steps import check_unified_name, unified_config
+
+        check_unified_name(name)  # a bad name, an unknown line or a bad --set: one line, exit 2, no flow run
+        unified_config(path, list(line or []) or None, list(set_ or []))
         with clear_errors(), client_session(cfg):
             from flows.unified import retrain_unified
 
@@ -402,13 +356,9 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
         if json_out:
             write_json(json_out, result)
 
-    from flows.schedule_cli import register as register_schedules
 
-    register_schedules(app)  # `serve`: in the foreground, or --detach as a managed service
-    from flows.monitor_cli import register as register_monitor
 
-    register_monitor(app)  # `monitor`: drift of the recorded decisions (issue 15)
-
+def register_records(app: typer.Typer) -> None:
     @app.command()
     def lineage(ref: Annotated[str, typer.Argument(help="MODEL@ALIAS or MODEL/VERSION, e.g. defectops-cookie@champion")],
                 config: ConfigOpt = None,
@@ -420,7 +370,7 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
             from flows import tracking
             from flows.lineage import lineage as lineage_of
             from flows.lineage import parse_model_ref, render
-            from flows.storage import ObjectStore
+            from infra.storage import ObjectStore
 
             tracking.configure(root=cfg.services.root.resolve())
             info = lineage_of(*parse_model_ref(ref), ObjectStore.from_env())
@@ -434,49 +384,24 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one nested function per 
     def gc(config: ConfigOpt = None,
            delete: Annotated[bool, typer.Option("--delete", help="delete them (default: only list them)")] = False,
            min_age_hours: Annotated[float, typer.Option(min=0, help="keep objects younger than this (a "
-                                                        "running retrain uploads before it registers)")] = 6.0) -> None:
-        """List (or with --delete remove) model and export objects that no registered version references;
-        DVC's cache, MLflow artifacts and inference results are never touched."""
+                                                        "running retrain uploads before it registers)")] = 6.0,
+           dvc: Annotated[bool, typer.Option("--dvc", help="also DVC objects no commit of the data registry "
+                                             "references (only when it is the bucket's one DVC writer)")] = False
+           ) -> None:
+        """List (or with --delete remove) model and export objects that no registered version references
+        (with --dvc, DVC objects no data registry commit references); MLflow artifacts and inference results
+        are never touched."""
         cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))
         with clear_errors(), client_session(cfg):
             from flows import tracking
             from flows.gc import collect
-            from flows.storage import ObjectStore
+            from infra.storage import ObjectStore
 
             tracking.configure(root=cfg.services.root.resolve())
-            report = collect(ObjectStore.from_env(), min_age_hours * 3600, delete)
+            report = collect(ObjectStore.from_env(), min_age_hours * 3600, delete,
+                             dvc_registry=cfg.services.root.resolve() / "data-registry" if dvc else None)
         for key in report["unreferenced"]:
             console.print(f"  {key}", highlight=False)
         verb = "deleted" if delete else "unreferenced (dry run; --delete removes them)"
         console.print(f"{len(report['unreferenced'])} objects, {report['bytes']} bytes {verb}; "
                       f"{report['referenced']} referenced objects kept", highlight=False)
-
-    @app.command()
-    def demo(data: Annotated[Path | None, typer.Option("--data", help="a real MVTec-layout line instead of the demo")] = None,
-             config: ConfigOpt = None,
-             change: Annotated[str, typer.Option(help="the parameter changed for the second retrain")] = DEMO_CHANGE,
-             image_size: Annotated[int, typer.Option(help="square image size for the demo runs")] = 128,
-             max_train: Annotated[int | None, typer.Option(min=1, help="use the first N good train images (N >= 1)")] = None,
-             stop: Annotated[bool, typer.Option("--stop", help="stop the services at the end")] = False) -> None:
-        """The main job: services up, a demo line, retrain twice (gate exercised), inference, lineage."""
-        cfg = load_config(config or (Path("params.yaml") if Path("params.yaml").is_file() else None))
-        if data is not None and max_train is None:
-            max_train = 20
-        with clear_errors():
-            run_demo(cfg, data, change, image_size, max_train, stop)
-
-    @app.command()
-    def prepare(out: Annotated[Path, typer.Option("--out", help="folder to write the line to")],
-                data: Annotated[Path | None, typer.Option("--data", help="copy this MVTec-layout line")] = None,
-                max_train: Annotated[int | None, typer.Option("--max-train", help="first N train images")] = None,
-                seed: Annotated[int, typer.Option(help="demo line seed")] = 0) -> None:
-        """DVC `prepare` stage: the demo line (or a copy of --data, first --max-train train images) in OUT."""
-        from flows.demo_data import DemoSpec, build_demo_line
-        from flows.versioning import stage_line
-
-        if data is None:
-            build_demo_line(out, DemoSpec(seed=seed))
-            console.print(f"demo line written to {out}")
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            console.print(f"{stage_line(data, out, max_train)} files of {data} copied to {out}")

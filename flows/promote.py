@@ -17,13 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from components.config import PromotionConfig
-from flows import faults, tracking
+from flows import registry, tracking
+from infra import faults
+from infra.locks import LockTimeout, acquire
 
 logger = logging.getLogger(__name__)
 
@@ -158,27 +162,44 @@ def apply_gate(model_name: str, version: str, candidate_metrics: Mapping[str, An
     list) / .time / .champion_before), to its run's tags and to the run's `promotion.json`; then
     `@challenger` is set on `version` and `@champion` moves to it only when promoted. An exception (for
     example from `reevaluate`) propagates before any alias has moved. The whole gate runs under the
-    model's promotion lock (tracking.acquire_gate_lock), so concurrent retrains of one line are serialised.
+    model's promotion lock (`gate_lock`), so concurrent retrains of one line are serialised.
     """
     faults.reached("promote")
-    holder = tracking.acquire_gate_lock(model_name)
-    try:
+    with gate_lock(model_name):
         return _gate_locked(model_name, str(version), candidate_metrics, eval_data_hash, cfg, reevaluate)
+
+
+def gate_lock_path(model_name: str) -> Path:
+    """<services root>/locks/<model name>.gate.lock (the root tracking.configure was given)."""
+    return tracking.services_root() / "locks" / f"{model_name}.gate.lock"
+
+
+@contextmanager
+def gate_lock(model_name: str, timeout_s: float = 900.0) -> Iterator[str]:
+    """The promotion lock of `model_name`: a flock'd file on the services root (infra.locks), so the gates of
+    one model run one after the other among the processes sharing that root, and a gate killed mid-way
+    (even with SIGKILL) never leaves it held. RegistryError naming the holder after `timeout_s`."""
+    try:
+        held = acquire(gate_lock_path(model_name), timeout_s)
+    except LockTimeout as exc:
+        raise tracking.RegistryError(f"{model_name}: promotion gate lock {exc}") from None
+    try:
+        yield held.holder
     finally:
-        tracking.release_gate_lock(model_name, holder)
+        held.release()
 
 
 def _gate_locked(model_name: str, version: str, candidate_metrics: Mapping[str, Any], eval_data_hash: str,
                  cfg: PromotionConfig, reevaluate: Reevaluate | None) -> Decision:
     """apply_gate's body, run while holding the model's promotion lock: the champion it reads is the one it
     replaces, so two concurrent gates decide one after the other (compare-and-set on @champion)."""
-    candidate = tracking.get_version(model_name, version)
-    champion_version = tracking.version_for_alias(model_name, CHAMPION)
+    candidate = registry.get_version(model_name, version)
+    champion_version = registry.version_for_alias(model_name, CHAMPION)
     champion = champ_metrics = None
     notes: list[str] = []
     reevaluated = False
     if champion_version is not None and champion_version != version:
-        champion = tracking.get_version(model_name, champion_version)
+        champion = registry.get_version(model_name, champion_version)
         champ_metrics, notes, reevaluated = _champion_metrics(model_name, champion, eval_data_hash, reevaluate)
     if champion is not None and champ_metrics is None:
         decision = Decision(False, notes)
@@ -191,9 +212,9 @@ def _gate_locked(model_name: str, version: str, candidate_metrics: Mapping[str, 
         "champion_reevaluated": reevaluated, "eval_data_hash": eval_data_hash,
         "candidate_metrics": {k: _number(candidate_metrics, k) for k in GATED_METRICS + OPERATING_METRICS},
         "config": cfg.model_dump(mode="json")})
-    tracking.set_alias(model_name, CHALLENGER, version)
+    registry.set_alias(model_name, CHALLENGER, version)
     if decision.promote:
-        tracking.set_alias(model_name, CHAMPION, version)
+        registry.set_alias(model_name, CHAMPION, version)
     logger.info("%s version %s: %s (%s)", model_name, version, "promoted" if decision.promote else "rejected",
                 "; ".join(decision.reasons))
     return decision
@@ -208,7 +229,7 @@ def record_decision(model_name: str, candidate: dict[str, Any], decision: Decisi
     tags = {"promotion.reasons": json.dumps(decision.reasons), "promotion.time": when,
             "promotion.champion_before": details["champion_before"] or "none",
             "promotion.decision": "promoted" if decision.promote else "rejected"}
-    tracking.set_version_tags(model_name, candidate["version"], tags)
+    registry.set_version_tags(model_name, candidate["version"], tags)
     if candidate.get("run_id"):
         tracking.set_run_tags(candidate["run_id"], tags)
         payload = {"model": model_name, "version": candidate["version"], "time": when,

@@ -1,12 +1,12 @@
 """The registered model: an MLflow pyfunc defined by code ("models from code"), so no object of ours is
-ever pickled. flows.tracking.register_version logs this file, with the `components/` and `flows/` packages
+ever pickled. flows.registry.register_version logs this file, with the `components/` and `flows/` packages
 as `code_paths` (so it loads where defectops is not installed), pinned requirements, and a `model_config` of
 
     {"bank_uri": "s3://BUCKET/models/LINE/SHA/MANIFEST.json", "bank_sha256": SHA}
 
 At load time the model directory is fetched from the object store with `ObjectStore.get_dir`, which checks
 the manifest against `bank_sha256` and every file against the manifest (a mismatch raises
-`flows.storage.ChecksumError` and nothing is loaded), then `components.detector.load_detector` checks the
+`infra.storage.ChecksumError` and nothing is loaded), then `components.detector.load_detector` checks the
 model's own manifest again. The endpoint and the credentials come from the environment of the process that
 loads the model (DEFECTOPS_S3_ENDPOINT, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or DEFECTOPS_S3_*), never
 from the model (versions registered before this rule carry an `endpoint`: it is used only when
@@ -56,7 +56,7 @@ from components.detector import Detector, load_detector
 from components.prediction import DEFECTIVE, GOOD
 from components.report import overlay
 from components.training import preprocess_for, to_uint8_image
-from flows.storage import ObjectStore, parse_uri
+from infra.storage import ObjectStore, parse_uri
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def fetch_detector(config: Mapping[str, str], dest: Path, env: Mapping[str, str]
 
     config: bank_uri, bank_sha256. The endpoint is DEFECTOPS_S3_ENDPOINT from `env` (default: os.environ);
     a legacy `config["endpoint"]` is only a fallback when `env` has none. Credentials are read from `env`.
-    Raises ValueError for an incomplete config, flows.storage.StorageError (ChecksumError on a mismatch)
+    Raises ValueError for an incomplete config, infra.storage.StorageError (ChecksumError on a mismatch)
     when the store refuses or the bytes differ.
     """
     missing = [key for key in CONFIG_KEYS if not config.get(key)]

@@ -23,59 +23,34 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from components.config import (
-    NAME_PATTERN,
-    Config,
-    ConfigError,
-    load_config,
-    parse_override,
-    set_path,
-    validate,
-)
+from components.config import Config
 from components.data import scan_line
 from components.detector import load_detector
 from components.dinomaly.unified import fit_unified
 from components.evaluation import evaluate_split
-from flows import promote, tracking, versioning
+from flows import promote, registry, tracking, versioning
 from flows.evaluation_artifacts import write_evaluation
-from flows.retrain import (
+from flows.names import unified_name
+from flows.steps import (
     RetrainError,
     TrainLog,
     check_store,
+    check_stored_candidate,
+    check_unified_name,
     checkpoint_dir,
     fail_run,
     register,
     services_root,
     start_flow_run,
+    unified_config,
     upload_model,
 )
+
+__all__ = ["retrain_unified", "unified_config", "unified_name"]
 
 logger = logging.getLogger(__name__)
 
 KEEP = ("image_auroc", "aupro", "pixel_auroc", "image_ap", "pixel_ap", "ms_per_image")
-
-
-def unified_name(name: str) -> str:
-    return f"defectops-unified-{name}"
-
-
-def unified_config(params_path: str | Path, lines: list[str] | None,
-                   overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, list[str]]:
-    """params.yaml (top level, detector.method forced to dinomaly) + `key=value` overrides, and the lines
-    to train on (all of params.yaml's when None). ConfigError for an unknown line."""
-    base = load_config(params_path)  # line data paths resolved (absolute) here
-    chosen = sorted(set(lines)) if lines else sorted(base.lines)
-    if not chosen:
-        raise ConfigError(f"{params_path}: no product lines under `lines:`")
-    unknown = [line for line in chosen if line not in base.lines]
-    if unknown:
-        raise ConfigError(f"{params_path}: unknown product line(s) {unknown}; it has {sorted(base.lines)}")
-    raw = base.to_dict()
-    for text in overrides:
-        key, value = parse_override(text)
-        set_path(raw, key, value)
-    raw["detector"]["method"] = "dinomaly"
-    return validate(raw, source=f"{params_path} (unified, with --set {' '.join(overrides)})"), chosen
 
 
 def combined_hash(values: dict[str, str]) -> str:
@@ -122,11 +97,10 @@ def version_line_data(run_id: str, line: str, source: str, registry: str, max_tr
 
 
 @task(cache_policy=NO_CACHE)
-def build_unified(run_id: str, cfg_dict: dict, data_paths: dict[str, str], model_dir: str,
+def build_unified(run_id: str, cfg: Config, data_paths: dict[str, str], model_dir: str,
                   checkpoints: str) -> dict:
     """Fit one Dinomaly on every line's snapshot (per-step `train.*` metrics, checkpoints for a retry),
     calibrate a threshold per line, save it."""
-    cfg = validate(cfg_dict)
     train_log = TrainLog(run_id)
     fitted = fit_unified(cfg, data_paths, log_step=train_log, checkpoint_dir=checkpoints)
     train_log.flush()
@@ -145,10 +119,9 @@ def build_unified(run_id: str, cfg_dict: dict, data_paths: dict[str, str], model
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_line(run_id: str, model_dir: str, line: str, data_path: str, cfg_dict: dict, out_dir: str) -> dict:
+def evaluate_line(run_id: str, model_dir: str, line: str, data_path: str, cfg: Config, out_dir: str) -> dict:
     """Score `line`'s pinned test split with the saved model and that line's threshold; metrics go to the
     run as `<line>.<metric>`, curves and overlays under `evaluation/<line>/`."""
-    cfg = validate(cfg_dict)
     detector = load_detector(model_dir).for_line(line)
     split = scan_line(data_path)
     result = evaluate_split(detector, split, cfg)
@@ -162,20 +135,17 @@ def evaluate_line(run_id: str, model_dir: str, line: str, data_path: str, cfg_di
 
 @task(cache_policy=NO_CACHE)
 def gate_unified(name: str, version: str, per_line: dict[str, dict], eval_hashes: dict[str, str],
-                 cfg_dict: dict, data_paths: dict[str, str], work_dir: str) -> dict:
+                 cfg: Config, data_paths: dict[str, str], work_dir: str) -> dict:
     """Per-line gate against the unified @champion; records the decision and moves the aliases, under the
     model's promotion lock (concurrent retrains decide one after the other, as in promote.apply_gate)."""
-    holder = tracking.acquire_gate_lock(name)
-    try:
-        return _gate_unified_locked(name, version, per_line, eval_hashes, validate(cfg_dict), data_paths, work_dir)
-    finally:
-        tracking.release_gate_lock(name, holder)
+    with promote.gate_lock(name):
+        return _gate_unified_locked(name, version, per_line, eval_hashes, cfg, data_paths, work_dir)
 
 
 def _gate_unified_locked(name: str, version: str, per_line: dict[str, dict], eval_hashes: dict[str, str],
                          cfg: Config, data_paths: dict[str, str], work_dir: str) -> dict:
-    candidate = tracking.get_version(name, version)
-    champion_version = tracking.version_for_alias(name, promote.CHAMPION)
+    candidate = registry.get_version(name, version)
+    champion_version = registry.version_for_alias(name, promote.CHAMPION)
     references: dict[str, dict | None] = {line: None for line in per_line}
     notes: list[str] = []
     if champion_version is not None and champion_version != version:
@@ -183,9 +153,9 @@ def _gate_unified_locked(name: str, version: str, per_line: dict[str, dict], eva
     gated = decide_lines(per_line, references, cfg.promotion)
     decision = promote.Decision(gated.promote, notes + gated.reasons)
     _record(name, candidate, decision, champion_version, per_line)
-    tracking.set_alias(name, promote.CHALLENGER, version)
+    registry.set_alias(name, promote.CHALLENGER, version)
     if decision.promote:
-        tracking.set_alias(name, promote.CHAMPION, version)
+        registry.set_alias(name, promote.CHAMPION, version)
     return decision.to_dict()
 
 
@@ -193,7 +163,7 @@ def _champion_references(name: str, version: str, eval_hashes: dict[str, str], c
                          data_paths: dict[str, str], work_dir: str) -> tuple[dict[str, dict | None], list[str]]:
     """The champion's metrics per line: recorded ones when measured on the same pinned data, else
     re-evaluated; None (absolute floors) for a line the champion was not trained on."""
-    champion = tracking.get_version(name, version)
+    champion = registry.get_version(name, version)
     tags = champion["tags"]
     trained_on = json.loads(tags.get("lines", "[]"))
     recorded = promote.metrics_from_tags(tags)
@@ -208,7 +178,7 @@ def _champion_references(name: str, version: str, eval_hashes: dict[str, str], c
             notes.append(f"{line}: champion is {name} version {version}, evaluated on the same pinned data")
         else:
             if detector is None:
-                detector, _ = tracking.load_version(name, version, Path(work_dir) / f"champion-v{version}")
+                detector, _ = registry.load_version(name, version, Path(work_dir) / f"champion-v{version}")
             same_eval = detector.cfg.model_copy(update={"evaluation": cfg.evaluation})
             refs[line] = evaluate_split(detector.for_line(line), scan_line(data_paths[line]), same_eval).metrics()
             notes.append(f"{line}: champion {name} version {version} re-evaluated on the candidate's pinned data")
@@ -255,10 +225,9 @@ def retrain_unified(name: str, lines: list[str] | None = None, params_path: str 
     """Train ONE Dinomaly on `lines` (default: every line of params.yaml), register it once as
     `defectops-unified-<name>` and gate it per line; returns a summary dict."""
     t_start = time.perf_counter()
-    if not NAME_PATTERN.match(name):
-        raise ConfigError(f"unified model name {name!r} must match {NAME_PATTERN.pattern}")
+    check_unified_name(name)
     cfg, chosen = unified_config(params_path, lines, overrides or [])
-    root, registered, label, cfg_dict = services_root(cfg), unified_name(name), f"unified-{name}", cfg.to_dict()
+    root, registered, label = services_root(cfg), unified_name(name), f"unified-{name}"
     tracking.configure(root=root)
     run_id, info = start_flow_run(label, cfg, kind="retrain-unified")
     work, step = root / "work" / run_id, "log params"
@@ -275,13 +244,15 @@ def retrain_unified(name: str, lines: list[str] | None = None, params_path: str 
         paths = {line: d["path"] for line, d in data.items()}
         step = "build model"
         ckpt = checkpoint_dir(root, registered, cfg, combined_hash({k: d["dvc_md5"] for k, d in data.items()}))
-        model = build_unified(run_id, cfg_dict, paths, str(work / "model"), str(ckpt))
+        model = build_unified(run_id, cfg, paths, str(work / "model"), str(ckpt))
         step = "upload model"
         bank = upload_model(run_id, model["model_dir"], label)
+        step = "check stored model"
+        check_stored_candidate(run_id, bank, model["model_dir"], paths[chosen[0]], str(work), label)
         per_line = {}
         for line in chosen:
             step = f"evaluate ({line})"
-            per_line[line] = evaluate_line(run_id, model["model_dir"], line, paths[line], cfg_dict,
+            per_line[line] = evaluate_line(run_id, model["model_dir"], line, paths[line], cfg,
                                            str(work / "evaluation" / line))
         means = mean_metrics(per_line)
         tracking.log_metrics(run_id, means)
@@ -289,7 +260,7 @@ def retrain_unified(name: str, lines: list[str] | None = None, params_path: str 
         version = register(run_id, registered, bank, endpoint, _version_tags(cfg, info, data, model, per_line, label))
         step = "promote"
         decision = gate_unified(registered, version, per_line, {k: d["eval_data_hash"] for k, d in data.items()},
-                                cfg_dict, paths, str(work))
+                                cfg, paths, str(work))
         tracking.log_metrics(run_id, {"retrain_s": time.perf_counter() - t_start})
     except BaseException as exc:
         fail_run(run_id, step, exc)
@@ -300,7 +271,7 @@ def retrain_unified(name: str, lines: list[str] | None = None, params_path: str 
     return {"name": name, "model_name": registered, "lines": chosen, "run_id": run_id, "version": version,
             "promoted": decision["promote"], "reasons": decision["reasons"],
             "reasons_by_line": {line: [r for r in decision["reasons"] if r.startswith(f"{line}: ")] for line in chosen},
-            "champion": tracking.version_for_alias(registered, promote.CHAMPION), **info, "label": model["label"],
+            "champion": registry.version_for_alias(registered, promote.CHAMPION), **info, "label": model["label"],
             "encoder_kind": model["encoder_kind"], "paper_encoder": model["paper_encoder"],
             "data": {line: {k: d[k] for k in ("dvc_md5", "remote_path", "eval_data_hash")} for line, d in data.items()},
             "bank_uri": bank["uri"], "bank_sha256": bank["sha256"], "metrics": means, "line_metrics": per_line,

@@ -195,3 +195,26 @@ def log_tail(path: Path, lines: int = 30) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------------------- who runs a record
+def _process_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def process_holder() -> str:
+    """host:pid:start-time of this process (the start time tells a recycled pid apart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid()) or '?'}"
+
+
+def holder_gone(holder: str) -> bool:
+    """True when `holder` is a process on this host that no longer runs (killed, even with SIGKILL)."""
+    host, _, rest = holder.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or start == "?":
+        return False
+    return _process_start(int(pid)) != start

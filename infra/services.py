@@ -289,7 +289,7 @@ def _wait_healthy(spec_name: str, health_url: str, log: Path, deadline: float, p
 
 
 def _ensure_bucket(cfg: ServicesConfig, creds: Credentials, deadline: float) -> None:
-    from flows.storage import AccessDeniedError, ObjectStore, StorageError  # the only boto3 user
+    from infra.storage import AccessDeniedError, ObjectStore, StorageError  # the only boto3 user
 
     store = ObjectStore(_url(cfg, cfg.s3_port), cfg.bucket, creds.access_key, creds.secret_key,
                         connect_timeout=2, read_timeout=10, max_attempts=1)

@@ -35,7 +35,7 @@ TINY_PARAMS = {
         "num_neighbors": 3, "smoothing_sigma": 2.0, "seed": 0, "threads": 1}},
 }
 # Per-method tiny sections, merged into TINY_PARAMS by `tiny_config_for(method)` (the registry-wide contract
-# tests in tests/unit/test_detector.py use it). A newly registered method adds its small, fast settings
+# tests in tests/unit/components/test_detector.py use it). A newly registered method adds its small, fast settings
 # here; they are validated only when that method is tested, so a schema change elsewhere breaks nothing else.
 TINY_METHOD_PARAMS: dict[str, dict] = {
     "dinomaly": {"encoder": "cnn-variant", "cnn_layers": [1, 2, 3], "cnn_token_level": 1, "decoder_depth": 2,

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.storage import ObjectStore
 from infra.credentials import SERVICE_SECRET_NAMES, SERVICE_SECRETS_FILE, write_private_json
 from infra.logins import MLFLOW_USER, PREFECT_USER
 from infra.process import find_free_ports
 from infra.services import ALL_SERVICES, ServicesConfig, ServiceState, env_for_clients, start, stop
+from infra.storage import ObjectStore
 
 _SERVICE_FIXTURES = {"object_store", "services", "services_env", "store", "isolated_services"}
 START_TIMEOUT_S = float(os.environ.get("DEFECTOPS_TEST_START_TIMEOUT_S", "180"))

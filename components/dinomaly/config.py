@@ -30,7 +30,7 @@ class DinomalyConfig(TrainedMethodConfig):
     """seed, threads, smoothing_sigma, checkpoint_every, device: components.method_config."""
 
     # ---- encoder
-    # Defaults are the CPU-sized ones params.yaml ships (tests/unit/test_config.py checks they agree); the
+    # Defaults are the CPU-sized ones params.yaml ships (tests/unit/components/test_config.py checks they agree); the
     # paper's: encoder vit (DINOv2 weights), cnn_token_level 1, iterations 10000, batch 16, warm-up 100.
     encoder: Literal["vit", "cnn-variant"] = "cnn-variant"
     vit_name: str = "vit_base_patch14_reg4_dinov2"

@@ -28,6 +28,7 @@ from components.detector import (
     ScoreBatch,
     check_input,
     iter_image_batches,
+    model_stats,
     register_detector,
 )
 from components.patchcore import bank as bank_rows
@@ -309,8 +310,8 @@ class PatchCore(BaseDetector):
             "embed_dim": int(self.memory_bank_.shape[1]),
             "bank_size": int(self.memory_bank_.shape[0]),
             "grid": list(self.grid_) if self.grid_ else None,
-            "index": self.index_report_.as_dict() if self.index_report_ else None,
-            "updates": self.updates_,
+            "index": model_stats(self.index_report_.as_dict()) if self.index_report_ else None,
+            "updates": [{k: v for k, v in u.items() if k != "seconds"} for u in self.updates_],
         }
 
     @classmethod

@@ -19,7 +19,7 @@ every member's map reads in one unit: "multiples of this backbone's typical good
 near 1 is as unusual as a typical good patch, and a member that sees a defect at 5 times its normal variation
 says 5 whatever the size of its features. The scale is equivariant: multiplying a member's embeddings by c
 multiplies its distances and its scale by c, so its normalised map does not change (checked in
-tests/unit/test_ensemble.py). No anomalies, labels or calibration images are needed, and a quantile rather
+tests/unit/components/test_ensemble.py). No anomalies, labels or calibration images are needed, and a quantile rather
 than the maximum keeps a few outlying good patches from setting it. The spread above 1 is not equalised: a
 member whose features separate a defect better still contributes the larger excess, as an average should.
 

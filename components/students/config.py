@@ -26,9 +26,10 @@ TEACHER_FIELDS = ("patch_sizes", "channels", "descriptor_dim", "leaky_slope", "t
                   "positive_shift", "positive_noise", "teacher_seed")
 """The fields that shape the teacher (with the backbone's name and weights: the teacher cache key)."""
 
-SOURCE_FIELDS = ("compactness", "teacher_source", "teacher_folder")
-"""Teacher-shaping fields added later (issue 18): part of the cache key only when not at their default, so a
-teacher cached with the defaults before them keeps its key."""
+LATER_FIELDS = {"compactness": "squared", "teacher_source": "skimage", "teacher_folder": None, "dense_stride": 1}
+"""Teacher-shaping fields added later (issue 18), with the value every teacher and model from before them was
+built with: part of the cache key only when different from that value (so a teacher cached before them keeps
+its key), and filled in when an older saved model lacks them."""
 
 
 class StudentsConfig(TrainedMethodConfig):
@@ -61,6 +62,9 @@ class StudentsConfig(TrainedMethodConfig):
     # (teacher_folder's images) | mix (skimage + line, + the folder when given)
     teacher_source: Literal["skimage", "line", "folder", "mix"] = "skimage"
     teacher_folder: Path | None = None
+    # dense scoring stride: 1 = a descriptor for every pixel; 2 = every other row and column (same exact p x p
+    # receptive field, about a quarter of the work; maps upsampled). 2 is the default for CPU cost (declared)
+    dense_stride: Literal[1, 2] = 2
     # ---- students
     num_students: Annotated[int, Field(ge=2)] = 3
     iterations: PositiveInt = 300
@@ -84,6 +88,8 @@ class StudentsConfig(TrainedMethodConfig):
             raise ValueError(f"patch_sizes must be strictly increasing, got {sizes}")
         if any(p < 3 or p % 2 == 0 for p in sizes):
             raise ValueError(f"patch_sizes must be odd and >= 3 (a centre pixel), got {sizes}")
+        if self.dense_stride == 2 and any(p < 9 or p % 4 != 1 for p in sizes):
+            raise ValueError(f"patch_sizes with dense_stride 2 must be 1 (mod 4) and >= 9 (17, 33, 65), got {sizes}")
         if self.teacher_source == "folder" and self.teacher_folder is None:
             raise ValueError("teacher_source: folder needs teacher_folder")
         if self.teacher_batch_size < 2:
@@ -93,7 +99,6 @@ class StudentsConfig(TrainedMethodConfig):
     def teacher_fields(self) -> dict:
         """The teacher-shaping hyperparameters as JSON-ready values (part of the teacher cache key)."""
         fields = self.model_dump(mode="json", include=set(TEACHER_FIELDS))
-        defaults = type(self).model_fields
-        fields.update({k: v for k, v in self.model_dump(mode="json", include=set(SOURCE_FIELDS)).items()
-                       if getattr(self, k) != defaults[k].default})
+        fields.update({k: v for k, v in self.model_dump(mode="json", include=set(LATER_FIELDS)).items()
+                       if getattr(self, k) != LATER_FIELDS[k]})
         return fields

@@ -7,7 +7,8 @@ descriptor mean/std is measured on the training images; M students per scale reg
 teacher descriptors on random crops (components.students.trainer); the mean/std of the regression error
 and the predictive variance are measured on (at most `stats_max_images` of) the training images (the paper
 uses a held-out validation set of good images; here the pipeline's held-out images calibrate the threshold).
-score: dense maps at the input resolution (one pass per network; components.students.networks), per scale
+score: dense maps (one pass per network, a descriptor every `dense_stride` pixels, upsampled to the input
+resolution; components.students.networks), per scale
 normalised e + normalised v, averaged over scales, Gaussian smoothed (`smoothing_sigma`); image score =
 mean of the top `top_ratio` of the map's pixels (0.01: the top 1 %, steadier than the single maximum).
 A saved model holds the teacher too (teacher.safetensors), so it is self-contained.
@@ -40,6 +41,7 @@ TEACHER_DIR = "teachers"
 
 @register_detector("students")
 class Students(TorchDetector):
+    SAVED_BEFORE_DEFAULTS = {"dense_stride": 1}
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)  # weights_: the backbone the teacher was distilled from (lineage)
         self.net_: StudentsNet | None = None
@@ -71,7 +73,7 @@ class Students(TorchDetector):
         t1 = time.perf_counter()
         p = self.params
         net = StudentsNet(teacher.nets, p.patch_sizes, p.num_students, p.channels, p.descriptor_dim,
-                          p.leaky_slope, p.seed).to(device)
+                          p.leaky_slope, p.seed, p.dense_stride).to(device)
         subset = trainer.stats_subset(data, p.stats_max_images)
         trainer.fit_teacher_stats(net, subset, device)
         key = trainer.fingerprint(p, f"{teacher.digest}:{state_digest(teacher.nets)}", data)
@@ -125,7 +127,7 @@ class Students(TorchDetector):
         teacher: Teacher = teacher_from_state(p, load_file(str(files["teacher.safetensors"])), meta["teacher"],
                                               files["teacher.safetensors"])
         net = StudentsNet(teacher.nets, p.patch_sizes, p.num_students, p.channels, p.descriptor_dim,
-                          p.leaky_slope, p.seed)
+                          p.leaky_slope, p.seed, p.dense_stride)
         state = load_file(str(files["students.safetensors"]))
         try:
             missing, unexpected = net.load_state_dict(state, strict=False)

@@ -22,14 +22,14 @@ class StudentsNet(nn.Module):
     """
 
     def __init__(self, teacher: nn.ModuleDict, patch_sizes: tuple[int, ...], num_students: int, channels: int,
-                 descriptor_dim: int, leaky_slope: float, seed: int) -> None:
+                 descriptor_dim: int, leaky_slope: float, seed: int, stride: int = 1) -> None:
         super().__init__()
         self.patch_sizes = tuple(patch_sizes)
         self.teacher = teacher
         for param in self.teacher.parameters():
             param.requires_grad_(False)
         self.students = nn.ModuleList(
-            build_nets(self.patch_sizes, channels, descriptor_dim, leaky_slope, seed * 1000 + m + 1)
+            build_nets(self.patch_sizes, channels, descriptor_dim, leaky_slope, seed * 1000 + m + 1, stride)
             for m in range(num_students))
         for p in self.patch_sizes:
             self.register_buffer(f"t_mean_p{p}", torch.zeros(descriptor_dim))
@@ -51,21 +51,24 @@ class StudentsNet(nn.Module):
         return standardise(t, self.stat("t_mean", p).view(1, -1, 1, 1), self.stat("t_std", p).view(1, -1, 1, 1))
 
     def raw_scores(self, images: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unnormalised (e, v) at scale p. images (B, 3, H, W) in [0, 1] -> two (B, H, W)."""
+        """Unnormalised (e, v) at scale p. images (B, 3, H, W) in [0, 1] -> two (B, H', W') (H' = ceil(H / s)
+        for the networks' dense stride s)."""
         x = pad_for_dense(images, p)
         target = self.teacher_target(x, p)
         students = torch.stack([s[f"p{p}"](x) for s in self.students])
         return regression_error(students, target), predictive_variance(students)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Anomaly map, mean over scales of normalised e + normalised v. (B, 3, H, W) -> (B, H, W)."""
-        total = torch.zeros(images.shape[0], *images.shape[-2:], device=images.device)
+        """Anomaly map, mean over scales of normalised e + normalised v. (B, 3, H, W) -> (B, H', W') (the
+        networks' dense stride s: H' = ceil(H / s))."""
+        total = None
         for p in self.patch_sizes:
             e, v = self.raw_scores(images, p)
             es, vs = self.stat("e_stats", p), self.stat("v_stats", p)
-            total = total + standardise(e, es[0], es[1]) + standardise(v, vs[0], vs[1])
+            score = standardise(e, es[0], es[1]) + standardise(v, vs[0], vs[1])
+            total = score if total is None else total + score
         return total / len(self.patch_sizes)
 
     def teacher_dense(self, images: torch.Tensor, p: int) -> torch.Tensor:
-        """Raw (unnormalised) dense teacher descriptors. (B, 3, H, W) -> (B, D, H, W)."""
+        """Raw (unnormalised) dense teacher descriptors. (B, 3, H, W) -> (B, D, H', W')."""
         return dense_descriptors(self.teacher[f"p{p}"], images)

@@ -37,7 +37,14 @@ from torch import nn
 
 from components.backbones import WeightsInfo, build_classifier
 from components.config import BackboneConfig
-from components.detector import ArtifactError, ProgressFn, read_manifest, verified_files, write_model_dir
+from components.detector import (
+    ArtifactError,
+    ProgressFn,
+    model_stats,
+    read_manifest,
+    verified_files,
+    write_model_dir,
+)
 from components.students.config import StudentsConfig
 from components.students.losses import compactness_loss, distillation_loss, triplet_loss
 from components.students.networks import build_nets
@@ -69,7 +76,7 @@ class Teacher:
     def description(self) -> dict:
         return {"digest": self.digest, "backbone": self.backbone, **self.weights.as_record(),
                 "data": DATA_VERSION if self.source == "skimage" else f"teacher_source:{self.source}",
-                "source": self.source, "stats": self.stats}
+                "source": self.source, "stats": model_stats(self.stats)}  # no timings: models stay content-equal
 
 
 def teacher_digest(params: StudentsConfig, backbone: str, weights_sha256: str, images_key: str | None = None) -> str:
@@ -238,7 +245,7 @@ def train_teacher(params: StudentsConfig, backbone: BackboneConfig, device: torc
     classifier = classifier.to(device).eval()
     images = teacher_images(params, line_images)
     nets = build_nets(params.patch_sizes, params.channels, params.descriptor_dim, params.leaky_slope,
-                      params.teacher_seed).to(device)
+                      params.teacher_seed, params.dense_stride).to(device)
     generator = torch.Generator().manual_seed(params.teacher_seed)
     stats: dict[str, float] = {}
     total = params.teacher_iterations * len(params.patch_sizes)
@@ -270,7 +277,8 @@ def save_teacher(teacher: Teacher, directory: Path) -> Path:
 
 def teacher_from_state(params: StudentsConfig, state: dict[str, torch.Tensor], desc: dict, origin: Path) -> Teacher:
     """Rebuild a Teacher from saved tensors and its description; ArtifactError names `origin` on mismatch."""
-    nets = build_nets(params.patch_sizes, params.channels, params.descriptor_dim, params.leaky_slope, 0)
+    nets = build_nets(params.patch_sizes, params.channels, params.descriptor_dim, params.leaky_slope, 0,
+                      params.dense_stride)
     try:
         nets.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -41,7 +41,7 @@ class TransformalyConfig(TrainedMethodConfig):
     components.method_config."""
 
     # ---- teacher
-    # Defaults are the CPU-sized ones params.yaml ships (tests/unit/test_config.py checks they agree); the
+    # Defaults are the CPU-sized ones params.yaml ships (tests/unit/components/test_config.py checks they agree); the
     # paper's: encoder vit (ImageNet ViT weights), 30 epochs, batch 32, lr 1e-4.
     encoder: Literal["vit", "cnn-variant"] = "cnn-variant"
     vit_name: str = "vit_base_patch16_384"

@@ -44,6 +44,7 @@ from components.data import Preprocess
 from components.detector import Detector, load_detector, sha256_file
 from components.thresholds import Threshold
 from components.training import preprocess_for
+from flows.names import serving_model
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +128,6 @@ class ModelSource(Protocol):
         """Fetch, verify and load that version."""
 
 
-def serving_model(cfg: Config, line: str) -> tuple[str, bool]:
-    """(registered model serving `line`, whether it is a unified model): `lines.<line>.serve_from`, else
-    `defectops-<line>` (the same rule as flows.inference, which imports Prefect; the service does not)."""
-    spec = cfg.lines.get(line)
-    if spec is not None and spec.serve_from:
-        return spec.serve_from, True
-    return f"defectops-{line}", False
-
-
 class RegistrySource:
     """Versions from the MLflow registry, model folders from the object store (see the module docstring)."""
 
@@ -143,16 +135,16 @@ class RegistrySource:
         self.cfg, self.cache = cfg, Path(cache)
 
     def current(self, line: str, alias: str) -> str | None:
-        from flows import tracking
 
-        return tracking.version_for_alias(serving_model(self.cfg, line)[0], alias)
+        from flows import registry
+        return registry.version_for_alias(serving_model(self.cfg, line)[0], alias)
 
     def load(self, line: str, alias: str, version: str) -> Served:
-        from flows import tracking
 
         name, unified = serving_model(self.cfg, line)
         dest = self.cache / f"{name}-{version}-{line}"
-        detector, info = tracking.load_version(name, version, dest)
+        from flows import registry
+        detector, info = registry.load_version(name, version, dest)
         if unified:
             trained_on = json.loads(info["tags"].get("lines") or "[]")
             if line not in trained_on:

@@ -13,14 +13,14 @@ from pathlib import Path
 import boto3
 import pytest
 
-from flows import tracking
+from flows import registry, tracking
 from flows.cli import main
 from flows.inference import inference
 from flows.lineage import lineage
 from flows.retrain import RetrainError, model_name, retrain
-from flows.storage import AccessDeniedError, ChecksumError, EndpointUnreachableError, ObjectStore, parse_uri
 from flows.tracking import RegistryError
 from infra.services import env_for_clients, start, stop
+from infra.storage import AccessDeniedError, ChecksumError, EndpointUnreachableError, ObjectStore, parse_uri
 from tests.e2e._pipeline import session, small_demo_line, write_params
 
 LINE = "failures"
@@ -40,7 +40,7 @@ def champion_line(services, tmp_path_factory) -> dict:
 
 
 def _latest_run(line: str) -> dict:
-    client = tracking._client()
+    client = tracking.client()
     experiment = client.get_experiment_by_name(tracking.experiment_name(line))
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
     return tracking.get_run(runs[0].info.run_id)
@@ -52,9 +52,9 @@ def _assert_failed_cleanly(exc: RetrainError, cause: type, step: str) -> None:
     run = _latest_run(LINE)
     assert run["status"] == "FAILED"
     assert run["tags"]["failed_step"] == step and cause.__name__ in run["tags"]["error"]
-    assert [v["version"] for v in tracking.list_versions(NAME)] == ["1"]  # nothing registered
-    assert tracking.version_for_alias(NAME, "champion") == "1"
-    assert tracking.version_for_alias(NAME, "challenger") == "1"
+    assert [v["version"] for v in registry.list_versions(NAME)] == ["1"]  # nothing registered
+    assert registry.version_for_alias(NAME, "champion") == "1"
+    assert registry.version_for_alias(NAME, "challenger") == "1"
 
 
 def test_object_store_down(services, champion_line, isolated_services, capsys):
@@ -73,7 +73,7 @@ def test_object_store_down(services, champion_line, isolated_services, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "error: retrain failures failed at step 'check object store'" in err
     assert "Traceback" not in err
-    assert tracking.version_for_alias(NAME, "champion") == "1"
+    assert registry.version_for_alias(NAME, "champion") == "1"
 
 
 def test_wrong_credentials(services, champion_line):

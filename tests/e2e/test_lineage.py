@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from components.config import flatten
-from flows import tracking
+from flows import registry, tracking
 from flows.lineage import LineageError, lineage, parse_model_ref, render
 from flows.promote import apply_gate
 from tests.e2e.tiny_line import unique_name, upload, version_tags
@@ -27,7 +27,7 @@ def promoted(env, tiny):
     metrics = tiny.result.metrics()
     tracking.log_metrics(run_id, metrics)
     tags = version_tags(tiny, eval_data_hash=tiny.fit.split.digest())
-    version = tracking.register_version(run_id, name, bank, state.s3_endpoint, tags)
+    version = registry.register_version(run_id, name, bank, state.s3_endpoint, tags)
     # Latency is not under test here: a loaded 2-core machine can exceed the default 500 ms budget.
     gate = tiny.cfg.promotion.model_copy(update={"latency_budget_ms": 1e6, "max_false_reject_rate": None,
                                                        "max_escape_rate": None})
@@ -76,7 +76,7 @@ def test_lineage_detects_a_changed_bank_object(env, tiny):
     bank = upload(store, tiny.model_dir)  # a prefix of its own: other tests' banks stay intact
     name = unique_name()
     run_id = tracking.start_run("tiny", "lineage-tamper")
-    version = tracking.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
+    version = registry.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
     tracking.end_run(run_id)
     assert lineage(name, version, store)["bank"]["verified"] is True
 

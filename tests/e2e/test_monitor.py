@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from skimage import data as skdata
 
-from flows import tracking
+from flows import registry, tracking
 from flows.service.decisions import Decision, DecisionStore
 from tests.e2e.tiny_line import OVERRIDES, SIZE, upload, version_tags
 
@@ -59,9 +59,9 @@ def test_monitor_flags_a_lighting_change_but_not_new_good_parts(env, tiny, tmp_p
     name = f"defectops-{LINE}"
     bank = upload(store, tiny.model_dir)
     run_id = tracking.start_run("tiny", "monitor-e2e")
-    version = tracking.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
+    version = registry.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
     tracking.end_run(run_id)
-    tracking.set_alias(name, "champion", version)
+    registry.set_alias(name, "champion", version)
     root = tmp_path / "svc"
     raw = {"services": {"root": str(root)}, "monitoring": {"window": 30, "min_window": 20, "retrain": False},
            "lines": {LINE: {"data": str(tiny.root)}}}

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from components.config import PromotionConfig
-from flows import tracking
+from flows import registry, tracking
 from flows.promote import apply_gate
 from tests.e2e.tiny_line import unique_name, upload, version_tags
 
@@ -38,7 +38,7 @@ def register(env, tiny, bank):
     def make(name: str, metrics: dict, eval_hash: str = PINNED) -> tuple[str, str]:
         run_id = tracking.start_run("tiny", "gate")
         tracking.log_metrics(run_id, metrics)
-        version = tracking.register_version(run_id, name, bank, state.s3_endpoint,
+        version = registry.register_version(run_id, name, bank, state.s3_endpoint,
                                             version_tags(tiny, metrics, eval_hash))
         return version, run_id
 
@@ -46,11 +46,11 @@ def register(env, tiny, bank):
 
 
 def _aliases(name: str) -> dict[str, str | None]:
-    return {a: tracking.version_for_alias(name, a) for a in ("champion", "challenger")}
+    return {a: registry.version_for_alias(name, a) for a in ("champion", "challenger")}
 
 
 def _recorded(name: str, version: str, run_id: str) -> tuple[dict, dict, dict]:
-    tags = tracking.get_version(name, version)["tags"]
+    tags = registry.get_version(name, version)["tags"]
     run_tags = tracking.get_run(run_id)["tags"]
     promotion = mlflow.artifacts.load_dict(f"runs:/{run_id}/promotion.json")
     return tags, run_tags, promotion
@@ -145,7 +145,7 @@ def test_failed_reevaluation_moves_no_alias_and_records_nothing(register):
     with pytest.raises(RuntimeError, match="object store down"):
         apply_gate(name, v2, metrics, PINNED, CFG, reevaluate=broken)
     assert _aliases(name) == {"champion": v1, "challenger": v1}
-    assert "promotion.decision" not in tracking.get_version(name, v2)["tags"]
+    assert "promotion.decision" not in registry.get_version(name, v2)["tags"]
     assert "promotion.decision" not in tracking.get_run(run2)["tags"]
 
 
@@ -156,4 +156,4 @@ def test_nan_metric_is_never_promoted(register):
     decision = apply_gate(name, v1, metrics, PINNED, CFG)
     assert decision.promote is False
     assert _aliases(name) == {"champion": None, "challenger": v1}
-    assert json.loads(tracking.get_version(name, v1)["tags"]["promotion.reasons"]) == decision.reasons
+    assert json.loads(registry.get_version(name, v1)["tags"]["promotion.reasons"]) == decision.reasons

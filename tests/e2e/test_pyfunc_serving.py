@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows import tracking
-from flows.storage import ObjectStore
+from flows import registry, tracking
 from infra.process import find_free_ports, http_ok
 from infra.services import env_for_clients
+from infra.storage import ObjectStore
 from tests.e2e.tiny_line import unique_name, upload, version_tags
 
 WRONG_ENDPOINT = "http://127.0.0.1:9"  # what the model is registered with: nothing listens there
@@ -78,9 +78,9 @@ def registered(object_store, tiny, tmp_path_factory):
             bank = upload(store, tiny.model_dir)
             run_id = tracking.start_run("tiny", "register")
             name = unique_name()
-            version = tracking.register_version(run_id, name, bank, WRONG_ENDPOINT, version_tags(tiny))
+            version = registry.register_version(run_id, name, bank, WRONG_ENDPOINT, version_tags(tiny))
             tracking.end_run(run_id)
-            model_dir = Path(mlflow.artifacts.download_artifacts(tracking.model_uri(name, version),
+            model_dir = Path(mlflow.artifacts.download_artifacts(registry.model_uri(name, version),
                                                                  dst_path=str(root / "dl")))
         finally:  # flows.tracking back to the session's server, if a test module had configured one
             if previous["uri"]:
@@ -103,7 +103,8 @@ def test_logged_model_carries_code_and_pinned_requirements(registered):
     mlmodel = (model_dir / "MLmodel").read_text()
     assert WRONG_ENDPOINT not in mlmodel and "endpoint" not in mlmodel
     assert (model_dir / "code" / "components" / "detector.py").is_file()
-    assert (model_dir / "code" / "flows" / "storage.py").is_file()
+    assert (model_dir / "code" / "flows" / "pyfunc_model.py").is_file()
+    assert (model_dir / "code" / "infra" / "storage.py").is_file()  # the bank is fetched with it
     requirements = (model_dir / "requirements.txt").read_text().split()
     pins = dict(r.split("==") for r in requirements if "==" in r)
     assert pins["torch"] == "2.13.0" and pins["torchvision"] == "0.28.0", requirements

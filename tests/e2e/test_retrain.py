@@ -29,15 +29,15 @@ import yaml
 
 from components.detector import load_detector
 from components.export import ExportedModel
-from flows import tracking
+from flows import registry, tracking
 from flows.cli import main
 from flows.inference import inference
 from flows.lineage import lineage
 from flows.retrain import RetrainError, model_name, retrain, run_retrain_all
-from flows.storage import ObjectStore, parse_uri
 from flows.versioning import read_dvc_file
 from infra.process import find_free_ports
 from infra.services import env_for_clients
+from infra.storage import ObjectStore, parse_uri
 from tests.e2e._pipeline import git_head, session, small_demo_line, tiny_git_repo, write_params
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -101,9 +101,9 @@ def _run_gate_sequence(line: str, params: Path, worse: list[str], better: list[s
     second = retrain(line, str(params), worse)
     assert second["version"] == "2" and not second["promoted"]
     assert _worse(second["metrics"], first["metrics"]), (worse, first["metrics"], second["metrics"])
-    assert tracking.version_for_alias(name, "champion") == "1"
-    assert tracking.version_for_alias(name, "challenger") == "2"
-    tags = tracking.get_version(name, "2")["tags"]
+    assert registry.version_for_alias(name, "champion") == "1"
+    assert registry.version_for_alias(name, "challenger") == "2"
+    tags = registry.get_version(name, "2")["tags"]
     reasons = json.loads(tags["promotion.reasons"])
     assert tags["promotion.decision"] == "rejected" and tags["promotion.champion_before"] == "1"
     assert reasons == second["reasons"] and any(r.endswith(": fail") for r in reasons)
@@ -112,13 +112,14 @@ def _run_gate_sequence(line: str, params: Path, worse: list[str], better: list[s
     third = retrain(line, str(params), better)
     assert third["version"] == "3" and third["promoted"], third["reasons"]
     assert not _worse(third["metrics"], first["metrics"])
-    assert tracking.version_for_alias(name, "champion") == "3"
-    assert tracking.version_for_alias(name, "challenger") == "3"
-    assert [v["version"] for v in tracking.list_versions(name)] == ["1", "2", "3"]
+    assert registry.version_for_alias(name, "champion") == "3"
+    assert registry.version_for_alias(name, "challenger") == "3"
+    assert [v["version"] for v in registry.list_versions(name)] == ["1", "2", "3"]
     for result in (first, second, third):
         run = tracking.get_run(result["run_id"])
         assert run["status"] == "FINISHED" and run["tags"]["dvc_data_hash"] == result["dvc_data_hash"]
         assert not math.isnan(run["metrics"]["image_auroc"])
+        assert run["name"] == f"retrain-{result['line']}-v{result['version']}"  # runs named by line and version
     return first, second, third
 
 
@@ -148,7 +149,7 @@ def test_retrain_gate_demo(services, tmp_path, capsys):
 def _check_export(services, result: dict, tmp: Path) -> None:
     """A registered export: the version's tags point at it, every stored file re-hashes, the downloaded
     folder loads (sha256 checked) and scores; the parity figures are on the run."""
-    tags = tracking.get_version(result["model_name"], result["version"])["tags"]
+    tags = registry.get_version(result["model_name"], result["version"])["tags"]
     assert result["export"]["status"] == tags["export.status"] == "registered", result["export"]
     assert "openvino" in tags["export.formats"] or "openvino skipped" in tags.get("export.reason", "")
     assert all(_store(services).verify_dir(tags["export.uri"], tags["export.sha256"]).values())
@@ -163,7 +164,7 @@ def _check_export(services, result: dict, tmp: Path) -> None:
 
 def _check_export_refused(result: dict) -> None:
     """Refused by the parity gate: no export on the version, the reason on the version and the run."""
-    tags = tracking.get_version(result["model_name"], result["version"])["tags"]
+    tags = registry.get_version(result["model_name"], result["version"])["tags"]
     assert result["export"]["status"] == tags["export.status"] == "refused" and "export.uri" not in tags
     assert "differ by up to" in tags["export.reason"], tags["export.reason"]
     run = tracking.get_run(result["run_id"])
@@ -174,7 +175,7 @@ def _check_inference(services, params: Path, line: str, images: Path, tmp: Path)
     """Batch scoring with @champion: results in the store (verified), counts logged to an MLflow run."""
     result = inference(line, [str(images)], str(params))
     n = len([p for p in images.rglob("*.png")])
-    assert result["version"] == tracking.version_for_alias(model_name(line), "champion")
+    assert result["version"] == registry.version_for_alias(model_name(line), "champion")
     assert result["counts"]["n_images"] == n == result["counts"]["n_defective"] + result["counts"]["n_good"]
     assert result["results_uri"].startswith(f"s3://{services.bucket}/inference/{line}/")
     out = _store(services).get_dir(result["results_uri"], tmp / "inference", result["results_sha256"])
@@ -222,9 +223,9 @@ def test_retrain_all_fans_out(services, tmp_path):
     assert "product line folder not found" in str(info.value)
     tracking.configure(services.mlflow_uri)  # the flows ran in Dask workers, not in this process
     for line, n_train in (("all-a", 4), ("all-b", 5)):
-        assert tracking.version_for_alias(model_name(line), "champion") == "1"
+        assert registry.version_for_alias(model_name(line), "champion") == "1"
         out = read_dvc_file(tmp_path / "root" / "data-registry" / "lines" / f"{line}.dvc")
-        assert tracking.get_version(model_name(line), "1")["tags"]["dvc_data_hash"] == out["md5"]
+        assert registry.get_version(model_name(line), "1")["tags"]["dvc_data_hash"] == out["md5"]
         assert len(list((tmp_path / "root" / "data-registry" / "lines" / line / "train" / "good").iterdir())) == n_train
 
 

@@ -30,7 +30,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows import tracking
+from flows import registry, tracking
 from flows.retrain import model_name
 from flows.schedules import deployment_name, inference_deployment_name
 from infra import process
@@ -138,7 +138,7 @@ def test_served_deployment_runs_a_retrain(services, serving):
         run = run_deployment(f"retrain/{deployment_name('sched-a')}", timeout=600)
         assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
         tracking.configure(services.mlflow_uri)
-        assert tracking.version_for_alias(model_name("sched-a"), "champion") is not None
+        assert registry.version_for_alias(model_name("sched-a"), "champion") is not None
         # The scheduled inference scores the line's test images with the champion just registered.
         run = run_deployment(f"inference/{inference_deployment_name('sched-a')}", timeout=600)
         assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
@@ -147,7 +147,7 @@ def test_served_deployment_runs_a_retrain(services, serving):
     client = mlflow.MlflowClient(services.mlflow_uri)
     experiment = client.get_experiment_by_name("defectops/sched-a")
     [scored] = client.search_runs([experiment.experiment_id], "tags.kind = 'inference'")
-    assert scored.data.tags["model_version"] == tracking.version_for_alias(model_name("sched-a"), "champion")
+    assert scored.data.tags["model_version"] == registry.version_for_alias(model_name("sched-a"), "champion")
     assert scored.data.metrics["n_images"] > 0 and scored.data.tags["results_uri"].startswith("s3://")
 
 

@@ -12,7 +12,6 @@ from dataclasses import replace
 import boto3
 import pytest
 
-from flows.storage import AccessDeniedError, EndpointUnreachableError, ObjectStore
 from infra import process
 from infra.services import (
     ALL_SERVICES,
@@ -23,6 +22,7 @@ from infra.services import (
     status,
     stop,
 )
+from infra.storage import AccessDeniedError, EndpointUnreachableError, ObjectStore
 
 pytestmark = pytest.mark.services
 

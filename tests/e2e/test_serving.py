@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from components.config import validate
-from flows import tracking
+from flows import registry, tracking
 from flows.service.app import build, create_app
-from flows.storage import StoredObject
+from infra.storage import StoredObject
 from tests.e2e.tiny_line import OVERRIDES, unique_name, upload, version_tags
 from tests.serving_server import serve, wait_ready
 
@@ -45,9 +45,9 @@ def test_registry_champion_hot_swap_checksum_and_challenger(env, tiny, tmp_path)
     name = f"defectops-{line}"
     bank = upload(store, tiny.model_dir)
     run_id = tracking.start_run(line, "serving-test")
-    v1 = tracking.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
-    v2 = tracking.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
-    tracking.set_alias(name, "champion", v1)
+    v1 = registry.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
+    v2 = registry.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
+    registry.set_alias(name, "champion", v1)
     image = _png(next((tiny.root / "test" / "spot").iterdir()))
     runtime = build(_config(tiny, line, tmp_path / "root"), tmp_path / "root", TOKEN)
     with serve(create_app(runtime)) as base:
@@ -66,7 +66,7 @@ def test_registry_champion_hot_swap_checksum_and_challenger(env, tiny, tmp_path)
         threads = [threading.Thread(target=hammer) for _ in range(2)]
         for t in threads:
             t.start()
-        tracking.set_alias(name, "champion", v2)
+        registry.set_alias(name, "champion", v2)
         changes = httpx.post(f"{base}/v1/reload", headers=AUTH, timeout=120).json()["changes"]
         stop.set()
         for t in threads:
@@ -77,22 +77,22 @@ def test_registry_champion_hot_swap_checksum_and_challenger(env, tiny, tmp_path)
         assert after["model"]["version"] == v2 and after["score"] == pytest.approx(first["score"], rel=1e-5)
 
         tampered = StoredObject(bank.uri, bank.key, "0" * 64, bank.size)  # the registry claims another sha256
-        v3 = tracking.register_version(run_id, name, tampered, state.s3_endpoint, version_tags(tiny))
-        tracking.set_alias(name, "champion", v3)
+        v3 = registry.register_version(run_id, name, tampered, state.s3_endpoint, version_tags(tiny))
+        registry.set_alias(name, "champion", v3)
         assert httpx.post(f"{base}/v1/reload", headers=AUTH, timeout=120).json()["changes"] == []
         champion = httpx.get(f"{base}/v1/lines").json()["lines"][line]["champion"]
         assert champion["version"] == v2 and "sha256" in champion["last_error"].lower(), champion
         still = httpx.post(url, content=image, headers={"content-type": "image/png"}, timeout=60)
         assert still.json()["results"][0]["model"]["version"] == v2
 
-        tracking.set_alias(name, "challenger", v1)
+        registry.set_alias(name, "challenger", v1)
         challenger = httpx.post(url, params={"alias": "challenger"}, content=image,
                                 headers={"content-type": "image/png"}, timeout=120).json()["results"][0]
         assert challenger["model"]["version"] == v1 and challenger["alias"] == "challenger"
     tracking.end_run(run_id)
     # the services are shared by the session: a version whose bank cannot be read would make `gc` (rightly)
     # refuse to delete anything in a later test
-    tracking._client().delete_model_version(name, v3)
+    tracking.client().delete_model_version(name, v3)
 
 
 def test_launcher_starts_reports_and_stops_the_service(env, tmp_path):

@@ -1,4 +1,4 @@
-"""flows.storage.ObjectStore against a real SeaweedFS (no mocks)."""
+"""infra.storage.ObjectStore against a real SeaweedFS (no mocks)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from flows.storage import (
+from infra.process import find_free_ports
+from infra.storage import (
     MANIFEST_NAME,
     AccessDeniedError,
     BucketNotFoundError,
@@ -24,7 +25,6 @@ from flows.storage import (
     StorageError,
     parse_uri,
 )
-from infra.process import find_free_ports
 
 pytestmark = pytest.mark.services
 
@@ -41,7 +41,7 @@ def _raw(state):
 
 
 def _uploads(caplog) -> int:
-    return sum(r.getMessage().startswith("uploaded ") for r in caplog.records if r.name == "flows.storage")
+    return sum(r.getMessage().startswith("uploaded ") for r in caplog.records if r.name == "infra.storage")
 
 
 def test_put_get_round_trip(store, object_store, tmp_path):
@@ -61,7 +61,7 @@ def test_put_get_round_trip(store, object_store, tmp_path):
 
 
 def test_same_content_is_uploaded_once(store, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="flows.storage")
+    caplog.set_level(logging.INFO, logger="infra.storage")
     data = os.urandom(5000)
     first = store.put_file(_file(tmp_path / "a" / "w.bin", data), "dedup")
     second = store.put_file(_file(tmp_path / "b" / "w.bin", data), "dedup")
@@ -81,7 +81,7 @@ def test_multipart_upload_and_download(object_store, tmp_path):
 
 
 def test_put_dir_get_dir(store, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="flows.storage")
+    caplog.set_level(logging.INFO, logger="infra.storage")
     model = tmp_path / "model"
     files = {"weights.safetensors": os.urandom(3000), "meta.json": b'{"k": 1}',
              "index/bank.faiss": os.urandom(2000), "index/copy.json": b'{"k": 1}'}

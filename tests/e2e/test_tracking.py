@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from components.config import load_config
-from flows import tracking
-from flows.storage import ChecksumError
+from flows import registry, tracking
+from infra.storage import ChecksumError
 from tests.e2e.tiny_line import unique_name, upload, version_tags
 
 E2E = (pytest.mark.services, pytest.mark.slow)
@@ -39,7 +39,7 @@ def registered(env, tiny):
     tracking.log_params(run_id, tiny.cfg.to_dict())
     tracking.log_metrics(run_id, tiny.result.metrics())
     name = unique_name()
-    version = tracking.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
+    version = registry.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
     tracking.end_run(run_id)
     return name, version, run_id, bank
 
@@ -102,10 +102,10 @@ def test_credentials_are_refused_in_params_and_tags(env):
 def test_version_tags_and_no_credentials_anywhere(env, tiny, registered, tmp_path):
     state, _ = env
     name, version, run_id, bank = registered
-    info = tracking.get_version(name, version)
+    info = registry.get_version(name, version)
     assert info["run_id"] == run_id and info["version"] == version
     tags = info["tags"]
-    assert set(tracking.REQUIRED_VERSION_TAGS) <= set(tags)
+    assert set(registry.REQUIRED_VERSION_TAGS) <= set(tags)
     assert tags["bank_uri"] == bank.uri and tags["bank_sha256"] == bank.sha256
     assert float(tags["metrics.image_auroc"]) == pytest.approx(tiny.result.metrics()["image_auroc"])
     assert float(tags["metrics.ms_per_image"]) == pytest.approx(tiny.result.ms_per_image)
@@ -114,7 +114,7 @@ def test_version_tags_and_no_credentials_anywhere(env, tiny, registered, tmp_pat
 
     # Nothing secret in the run, the version, or the logged model's files (MLmodel holds model_config).
     run = tracking.get_run(run_id)
-    model_dir = Path(mlflow.artifacts.download_artifacts(tracking.model_uri(name, version), dst_path=str(tmp_path)))
+    model_dir = Path(mlflow.artifacts.download_artifacts(registry.model_uri(name, version), dst_path=str(tmp_path)))
     texts = [json.dumps(run["params"]), json.dumps(run["tags"]), json.dumps(tags)]
     texts += [p.read_text(errors="replace") for p in model_dir.rglob("*") if p.is_file()]
     mlmodel = (model_dir / "MLmodel").read_text()
@@ -132,17 +132,17 @@ def test_register_version_requires_lineage_tags(env, tiny):
     del tags["dvc_data_hash"]
     name = unique_name()
     with pytest.raises(ValueError, match=r"dvc_data_hash"):
-        tracking.register_version(run_id, name, upload(store, tiny.model_dir), state.s3_endpoint, tags)
+        registry.register_version(run_id, name, upload(store, tiny.model_dir), state.s3_endpoint, tags)
     tracking.end_run(run_id, "FAILED")
-    assert tracking.version_for_alias(name, "champion") is None
-    assert tracking.list_versions(name) == []
+    assert registry.version_for_alias(name, "champion") is None
+    assert registry.list_versions(name) == []
 
 
 @e2e
 def test_pyfunc_predict_reproduces_the_evaluation_scores(env, tiny, registered):
     name, version, _, _ = registered
-    tracking.set_alias(name, "challenger", version)
-    model = tracking.load_pyfunc(name, "@challenger")
+    registry.set_alias(name, "challenger", version)
+    model = registry.load_pyfunc(name, "@challenger")
     paths = [str(s.path) for s in tiny.fit.split.test]
     out = model.predict(pd.DataFrame({"image_path": paths}))
     assert list(out.columns) == ["image_path", "image_sha256", "score", "normalised_score", "decision",
@@ -161,10 +161,10 @@ def test_tampered_bank_is_refused_at_load(env, tiny, tmp_path):
     bank = upload(store, tiny.model_dir)
     run_id = tracking.start_run("tiny", "tamper")
     name = unique_name()
-    version = tracking.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
+    version = registry.register_version(run_id, name, bank, state.s3_endpoint, version_tags(tiny))
     assert tracking.get_run(run_id)["status"] == "RUNNING"  # logging the model did not end the run
     tracking.end_run(run_id)
-    tracking.load_version(name, version, tmp_path / "ok")  # intact: loads
+    registry.load_version(name, version, tmp_path / "ok")  # intact: loads
 
     manifest = json.loads(store.get_bytes(bank.uri, bank.sha256))
     entry = manifest["files"]["bank.safetensors"]
@@ -174,9 +174,9 @@ def test_tampered_bank_is_refused_at_load(env, tiny, tmp_path):
     raw.put_object(Bucket=state.bucket, Key=key, Body=b"not the bank", Metadata={"sha256": entry["sha256"]})
 
     with pytest.raises(ChecksumError, match="sha256"):
-        tracking.load_pyfunc(name, version)
+        registry.load_pyfunc(name, version)
     with pytest.raises(ChecksumError, match=r"bank\.safetensors"):
-        tracking.load_version(name, version, tmp_path / "refused")
+        registry.load_version(name, version, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
 
 
@@ -184,15 +184,15 @@ def test_tampered_bank_is_refused_at_load(env, tiny, tmp_path):
 def test_lookup_errors_name_the_model_and_the_ref(env, registered):
     name, version, _, _ = registered
     with pytest.raises(tracking.RegistryError, match=rf"{name} @nope: no alias @nope"):
-        tracking.get_version(name, "@nope")
+        registry.get_version(name, "@nope")
     with pytest.raises(tracking.RegistryError, match=rf"{name} 999: no version 999"):
-        tracking.get_version(name, "999")
+        registry.get_version(name, "999")
     with pytest.raises(tracking.RegistryError, match=r"defectops-missing-xyz @champion: no such registered model"):
-        tracking.get_version("defectops-missing-xyz", "@champion")
+        registry.get_version("defectops-missing-xyz", "@champion")
     with pytest.raises(tracking.RegistryError, match="'champion'"):
-        tracking.get_version(name, "champion")
-    assert tracking.version_for_alias("defectops-missing-xyz", "champion") is None
-    assert tracking.get_version(name, f"@{version}")["version"] == version  # "@3" means version 3
+        registry.get_version(name, "champion")
+    assert registry.version_for_alias("defectops-missing-xyz", "champion") is None
+    assert registry.get_version(name, f"@{version}")["version"] == version  # "@3" means version 3
 
 
 # ------------------------------------------------------------------ no services: the credential filter
@@ -200,19 +200,19 @@ def test_lookup_errors_name_the_model_and_the_ref(env, registered):
                                  "auth_token", "token", "password", "s3.credentials"])
 def test_credential_shaped_names_are_refused(key):
     with pytest.raises(tracking.CredentialLeakError, match=re.escape(key)):
-        tracking._checked({key: "value"}, "params")
+        tracking.checked({key: "value"}, "params")
 
 
 def test_every_real_parameter_passes_the_filter(monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     cfg = load_config(Path(__file__).parents[2] / "params.yaml")
-    flat = tracking._checked(cfg.to_dict(), "params")
+    flat = tracking.checked(cfg.to_dict(), "params")
     assert "detector.patchcore.coreset_ratio" in flat and "services.bucket" in flat
 
 
 def test_values_holding_a_live_credential_are_refused(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-123")
-    assert tracking._checked({"endpoint": "http://127.0.0.1:8333"}, "tags") == {"endpoint": "http://127.0.0.1:8333"}
+    assert tracking.checked({"endpoint": "http://127.0.0.1:8333"}, "tags") == {"endpoint": "http://127.0.0.1:8333"}
     with pytest.raises(tracking.CredentialLeakError, match="'uri'") as info:
-        tracking._checked({"uri": "s3://x?key=s3cr3t-value-123"}, "tags")
+        tracking.checked({"uri": "s3://x?key=s3cr3t-value-123"}, "tags")
     assert "s3cr3t" not in str(info.value)

@@ -12,16 +12,16 @@ import mlflow
 import pytest
 import yaml
 
-from flows import tracking
+from flows import registry, tracking
 from flows.cli import main
 from flows.demo_data import DemoSpec, build_demo_line
 from flows.inference import inference
 from flows.lineage import lineage
 from flows.retrain import model_name, retrain
-from flows.storage import ObjectStore
 from flows.unified import retrain_unified, unified_name
 from flows.versioning import read_dvc_file
 from infra.services import env_for_clients
+from infra.storage import ObjectStore
 from tests.e2e._pipeline import TEST_PROMOTION, session
 
 ITERATIONS = 8
@@ -59,15 +59,15 @@ def test_retrain_unified_serves_every_line(services, tmp_path, capsys):
     with session(params, env_for_clients(services)):
         result = retrain_unified("plant", sorted(LINES), str(params))
         assert (result["version"], result["promoted"], result["champion"]) == ("1", True, "1"), result["reasons"]
-        assert result["lines"] == sorted(LINES) and [v["version"] for v in tracking.list_versions(name)] == ["1"]
+        assert result["lines"] == sorted(LINES) and [v["version"] for v in registry.list_versions(name)] == ["1"]
         assert result["encoder_kind"] == "cnn-variant" and result["paper_encoder"] is False
         for line in LINES:
             assert result["reasons_by_line"][line] and any("image_auroc" in r for r in result["reasons_by_line"][line])
 
-        tags = tracking.get_version(name, "1")["tags"]
+        tags = registry.get_version(name, "1")["tags"]
         assert json.loads(tags["lines"]) == sorted(LINES) and tags["paper_encoder"] == "false"
         assert tags["promotion.decision"] == "promoted" and tags["method"] == "dinomaly"
-        assert not [k for k in tracking.REQUIRED_VERSION_TAGS if k not in tags]
+        assert not [k for k in registry.REQUIRED_VERSION_TAGS if k not in tags]
         for line in LINES:
             md5 = read_dvc_file(tmp_path / "root" / "data-registry" / "lines" / f"{line}.dvc")["md5"]
             assert tags[f"data.{line}.dvc_data_hash"] == md5 == result["data"][line]["dvc_md5"]
@@ -82,7 +82,7 @@ def test_retrain_unified_serves_every_line(services, tmp_path, capsys):
         assert run["metrics"]["train.steps_logged"] == ITERATIONS
 
         store = ObjectStore(services.s3_endpoint, services.bucket, services.access_key, services.secret_key)
-        detector, _ = tracking.load_version(name, "@champion", tmp_path / "champion")
+        detector, _ = registry.load_version(name, "@champion", tmp_path / "champion")
         for line in LINES:
             served = inference(line, [str(tmp_path / line / "test")], str(params))
             assert (served["model_name"], served["version"]) == (name, "1")
@@ -107,13 +107,13 @@ def test_retrain_unified_serves_every_line(services, tmp_path, capsys):
                      "--config", str(params)]) == 0
         printed = " ".join(capsys.readouterr().out.split())
         assert f"{name} version 2" in printed and "mean" in printed
-        tags = tracking.get_version(name, "2")["tags"]
+        tags = registry.get_version(name, "2")["tags"]
         reasons = json.loads(tags["promotion.reasons"])
         assert tags["promotion.champion_before"] == "1"
         assert sorted(r.split(":")[0] for r in reasons if "evaluated on the same pinned data" in r) == sorted(LINES)
         # same data, config and seed: the same network, so the same AUROC/AUPRO per line: promoted
         assert tags["promotion.decision"] == "promoted", reasons
-        assert tracking.version_for_alias(name, "champion") == "2"
+        assert registry.version_for_alias(name, "champion") == "2"
 
 
 @pytest.mark.slow  # 150 s / 50 s: the default suite stays near 14 min on 2 cores (make test-all runs it)

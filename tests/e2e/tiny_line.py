@@ -20,8 +20,8 @@ from components.config import Config, load_config
 from components.evaluation import EvaluationResult, evaluate_split
 from components.training import FitResult, fit_line
 from flows import tracking
-from flows.storage import ObjectStore, StoredObject
 from infra.services import ServiceState, env_for_clients
+from infra.storage import ObjectStore, StoredObject
 
 SIZE = 64
 OVERRIDES = [
@@ -95,7 +95,7 @@ def connect(state: ServiceState, monkeypatch) -> ObjectStore:
     """Client environment for `state` (monkeypatch.setenv) and flows.tracking pointed at its MLflow."""
     for name, value in env_for_clients(state).items():
         monkeypatch.setenv(name, value)
-    tracking.configure(state.mlflow_uri)
+    tracking.configure(state.mlflow_uri, root=state.root)
     return ObjectStore(state.s3_endpoint, state.bucket, state.access_key, state.secret_key)
 
 

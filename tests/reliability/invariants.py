@@ -9,7 +9,9 @@ registered model whose loading would unpickle anything.
 
 Also checked (issue 16): every object's bytes match its `sha256` metadata and the sha256 in its key
 (`<prefix>/<sha256>/<name>`), so a bit flipped under intact metadata is a problem; with `settled=(line, root)`
-(after a clean re-run) no run of the line is left RUNNING and no `work/<run_id>` folder is left behind.
+(after a clean re-run) no run of the line is left RUNNING and no `work/<run_id>` folder is left behind;
+`orphans(store, line)` lists the line's model objects no registered version references (what `defectops gc`
+would remove): none after an identical re-run of a killed retrain, which reuses the killed run's upload.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from dataclasses import dataclass, field
 import boto3
 from botocore.config import Config
 
-from flows import tracking
-from flows.storage import ObjectStore, StorageError
+from flows import registry, tracking
+from infra.storage import ObjectStore, StorageError
 
 
 def _s3(state):
@@ -50,13 +52,20 @@ def metadata_mismatches(state, hashes: dict[str, str]) -> list[str]:
 
 def settled_problems(line: str, root) -> list[str]:
     """After a clean re-run of `line`: runs of it still RUNNING, `work/<run_id>` folders left under `root`."""
-    client = tracking._client()
+    client = tracking.client()
     found = client.get_experiment_by_name(tracking.experiment_name(line))
     running = [] if found is None else client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'")
     problems = [f"run {r.info.run_id} of {line} still RUNNING" for r in running]
     work = root / "work"
     problems += [f"work folder {p} left behind" for p in (sorted(work.iterdir()) if work.is_dir() else [])]
     return problems
+
+
+def orphans(store: ObjectStore, line: str) -> list[str]:
+    """Objects under models/<line>/ that no registered version references (flows.gc's dry run)."""
+    from flows.gc import collect
+
+    return collect(store, min_age_s=0, prefixes=(f"models/{line}/",))["unreferenced"]
 
 
 def snapshot(state, deep: bool = True) -> dict[str, str]:
@@ -91,7 +100,7 @@ class Report:
 def check_registry(store: ObjectStore, name: str, report: Report) -> None:
     """Every version: bank tags present, manifest and every file verify; MLmodel is code, not pickle.
     @champion, when set, names one of those versions."""
-    versions = tracking.list_versions(name)
+    versions = registry.list_versions(name)
     report.versions = len(versions)
     for info in versions:
         label, tags = f"{name} v{info['version']}", info["tags"]
@@ -107,10 +116,10 @@ def check_registry(store: ObjectStore, name: str, report: Report) -> None:
         if bad or not files:
             report.problems.append(f"{label}: bank files missing or changed: {bad or 'none listed'}")
         try:
-            tracking.check_no_pickle({"flavors": _flavors(name, info["version"])}, label)
+            registry.check_no_pickle({"flavors": _flavors(name, info["version"])}, label)
         except Exception as exc:  # noqa: BLE001 - any failure to read the model is a problem to report
             report.problems.append(f"{label}: model artifact: {type(exc).__name__}: {exc}")
-    report.champion = tracking.version_for_alias(name, "champion")
+    report.champion = registry.version_for_alias(name, "champion")
     if report.champion is not None and report.champion not in {v["version"] for v in versions}:
         report.problems.append(f"{name}@champion -> {report.champion}: no such version")
 

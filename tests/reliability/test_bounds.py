@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from flows import retrain as retrain_mod
-from flows import tracking, versioning
-from flows.retrain import retry_on_network_error
-from flows.storage import (
+from flows import steps, tracking, versioning
+from flows.steps import retry_on_network_error
+from infra.process import find_free_ports
+from infra.storage import (
     AccessDeniedError,
     BucketNotFoundError,
     ChecksumError,
@@ -22,7 +22,6 @@ from flows.storage import (
     ObjectStore,
     StorageError,
 )
-from infra.process import find_free_ports
 
 ENV = {"DEFECTOPS_S3_ENDPOINT": "http://127.0.0.1:9", "DEFECTOPS_BUCKET": "b", "AWS_ACCESS_KEY_ID": "k",
        "AWS_SECRET_ACCESS_KEY": "s"}
@@ -31,7 +30,7 @@ ENV = {"DEFECTOPS_S3_ENDPOINT": "http://127.0.0.1:9", "DEFECTOPS_BUCKET": "b", "
 def test_object_store_client_has_timeouts_and_bounded_retries(monkeypatch):
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
-    store = retrain_mod.object_store()
+    store = steps.object_store()
     config = store._client.meta.config
     assert config.connect_timeout == 3 and config.read_timeout == 60
     assert config.retries == {"mode": "standard", "total_max_attempts": 2}
@@ -101,7 +100,7 @@ def _upload_attempts(status: int, code: str, model_dir: Path, monkeypatch) -> in
 
     @flow(name="upload-retry-probe")
     def probe() -> None:
-        retrain_mod.upload_model(run_id="none", model_dir=str(model_dir), line="probe")
+        steps.upload_model(run_id="none", model_dir=str(model_dir), line="probe")
 
     with pytest.raises(StorageError):
         probe()
@@ -121,8 +120,8 @@ def test_retries_only_on_network_errors(tmp_path, monkeypatch, record):
     record("fault", "upload task: retried on 503 (3 attempts), never on 403 (1 attempt)")
     assert denied == 1, denied
     assert unavailable == 3 * 2, unavailable
-    for task in (retrain_mod.extract_features, retrain_mod.build_model, retrain_mod.evaluate_model,
-                 retrain_mod.register, retrain_mod.gate, retrain_mod.check_store):
+    for task in (steps.extract_features, steps.build_model, steps.evaluate_model,
+                 steps.register, steps.gate, steps.check_store):
         assert not task.retries, task.name
     never = [AccessDeniedError("e", "b", "k", "x"), BucketNotFoundError("e", "b", "k", "x"),
              ChecksumError("e", "b", "k", "x"), InvalidKeyError("e", "b", "k", "x"), ValueError("user")]
@@ -172,7 +171,7 @@ def test_mlflow_http_calls_are_bounded(monkeypatch, record):
         assert {k: os.environ[k] for k in tracking.HTTP_BOUNDS} == tracking.HTTP_BOUNDS
         t0 = time.monotonic()
         with pytest.raises(Exception):  # noqa: B017 - MlflowException or requests' ConnectionError
-            tracking._client().search_experiments()
+            tracking.client().search_experiments()
         elapsed = time.monotonic() - t0
     finally:
         if previous:

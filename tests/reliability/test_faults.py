@@ -8,7 +8,7 @@ not exist, an unreachable object store, a feature cache that cannot be written (
 Slow part (`-m slow`, its own SeaweedFS + MLflow): the object store stopped before, during (multipart) and
 after the bank upload, MLflow stopped mid-run, the retrain process killed with SIGKILL during feature
 extraction and during registration, a feature cache on a full tmpfs (root only), two concurrent retrains
-of one line. Flows pause at a named step through flows.faults (DEFECTOPS_FAULT_PAUSE) so the fault lands
+of one line. Flows pause at a named step through infra.faults (DEFECTOPS_FAULT_PAUSE) so the fault lands
 exactly there.
 """
 
@@ -26,14 +26,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows import faults, tracking
+from flows import promote, registry, tracking
 from flows.feature_cache import write_cached_features
 from flows.retrain import RetrainError, retrain
-from flows.storage import AccessDeniedError, BucketNotFoundError, EndpointUnreachableError
+from infra import faults
+from infra.locks import is_held
 from infra.process import find_free_ports
 from infra.services import env_for_clients, start, stop
+from infra.storage import AccessDeniedError, BucketNotFoundError, EndpointUnreachableError, ObjectStore
 from tests.e2e._pipeline import session, small_demo_line, write_params
-from tests.reliability.invariants import check, snapshot
+from tests.reliability.invariants import check, orphans, snapshot
 from tests.service_fixtures import make_config
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -50,22 +52,22 @@ def assert_survived(record, case: str, state, line: dict, before: dict, champion
     assert report.champion == champion
 
 
-def rerun(line: dict, env: dict, record, case: str, state) -> dict:
+def rerun(line: dict, env: dict, record, case: str, state, overrides: list[str] | None = None) -> dict:
     """The same retrain again, without faults: it must succeed and decide (promote or reject)."""
     before = snapshot(state)
     with session(line["params"], env):
-        result = retrain(line["line"], str(line["params"]))
+        result = retrain(line["line"], str(line["params"]), overrides)
     tracking.configure(state.mlflow_uri)
     report = check(state, line["name"], before, settled=(line["line"], line["root"]))
     record("re-run", f"re-run after: {case}", lost=len(report.lost), corrupted=len(report.changed))
     assert report.ok, (report.lost, report.changed, report.problems)
-    info = tracking.get_version(line["name"], result["version"])
+    info = registry.get_version(line["name"], result["version"])
     assert info["tags"]["promotion.decision"] in ("promoted", "rejected")
     return result
 
 
 def _failed_run(line: dict) -> dict:
-    client = tracking._client()
+    client = tracking.client()
     experiment = client.get_experiment_by_name(tracking.experiment_name(line["line"]))
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
     return tracking.get_run(runs[0].info.run_id)
@@ -76,7 +78,7 @@ def _fail_early(champion_line, record, case: str, env_change: dict, error: type,
     line = champion_line
     before = snapshot(services, deep=False)  # nothing is written before the failing step: a listing suffices
     tracking.configure(services.mlflow_uri)
-    champion = tracking.version_for_alias(line["name"], "champion")
+    champion = registry.version_for_alias(line["name"], "champion")
     env = {**line["env"], **env_change}
     t0 = time.monotonic()
     with session(line["params"], env), pytest.raises(RetrainError) as info:
@@ -222,7 +224,7 @@ def _retrain_with_fault(own, record, case: str, point: str, action, expect_step:
     `expect_step`; restart the services; check the invariants; re-run."""
     line, state = own["line"], own["state"]
     tracking.configure(state.mlflow_uri)
-    before, champion = snapshot(state), tracking.version_for_alias(line["name"], "champion")
+    before, champion = snapshot(state), registry.version_for_alias(line["name"], "champion")
     folder = own["tmp"] / "faults" / case.replace(" ", "-")
     proc = _cli_retrain(own, point, folder, extra_env, ("--set", "detector.patchcore.coreset_ratio=0.2"))
     try:
@@ -268,7 +270,7 @@ def test_mlflow_stopped_mid_run(own, record):
     _retrain_with_fault(own, record, "MLflow server stopped mid-run", "extract",
                         lambda: stop(replace(own["cfg"], services=("mlflow",))), "extract features")
     # the cause MLflow could not take when it died was kept and applied by the re-run (flows/debris.py)
-    client = tracking._client()
+    client = tracking.client()
     experiment = client.get_experiment_by_name(tracking.experiment_name(own["line"]["line"]))
     late = client.search_runs([experiment.experiment_id], "tags.failure_recorded_late = 'true'")
     assert late and late[0].info.status == "FAILED" and late[0].data.tags["failed_step"] == "extract features"
@@ -279,8 +281,10 @@ def test_mlflow_stopped_mid_run(own, record):
 def test_sigkill_during(point, step, own, record):
     line, state = own["line"], own["state"]
     tracking.configure(state.mlflow_uri)
-    before, champion = snapshot(state), tracking.version_for_alias(line["name"], "champion")
-    versions = [v["version"] for v in tracking.list_versions(line["name"])]
+    before, champion = snapshot(state), registry.version_for_alias(line["name"], "champion")
+    versions = [v["version"] for v in registry.list_versions(line["name"])]
+    store = ObjectStore(state.s3_endpoint, state.bucket, state.access_key, state.secret_key)
+    orphaned_before = set(orphans(store, line["line"]))
     folder = own["tmp"] / "faults" / f"sigkill-{point}"
     proc = _cli_retrain(own, point, folder, args=("--set", "detector.patchcore.coreset_ratio=0.2"))
     try:
@@ -292,9 +296,12 @@ def test_sigkill_during(point, step, own, record):
     assert proc.returncode == -signal.SIGKILL
     killed_run = _failed_run(line)
     assert killed_run["status"] == "RUNNING"  # nobody could end it
-    assert [v["version"] for v in tracking.list_versions(line["name"])] == versions  # nothing registered
+    assert [v["version"] for v in registry.list_versions(line["name"])] == versions  # nothing registered
     assert_survived(record, f"retrain process SIGKILLed during {step}", state, line, before, champion)
-    rerun(line, line["env"], record, f"SIGKILL during {step}", state)
+    rerun(line, line["env"], record, f"SIGKILL during {step}", state, ["detector.patchcore.coreset_ratio=0.2"])
+    # an identical re-run writes the identical folder (no timings in the model), so whatever the killed run
+    # uploaded is registered now: it leaves no orphan behind
+    assert set(orphans(store, line["line"])) <= orphaned_before
     reaped = tracking.get_run(killed_run["run_id"])
     assert reaped["status"] == "KILLED" and reaped["tags"]["killed"]  # the re-run ended the orphan run
 
@@ -313,7 +320,7 @@ def test_feature_cache_on_a_full_disk(own, record):
         pytest.skip("cannot mount a tmpfs here")
     try:
         tracking.configure(state.mlflow_uri)
-        champion = tracking.version_for_alias(line["name"], "champion")
+        champion = registry.version_for_alias(line["name"], "champion")
         before = snapshot(state)
         with session(line["params"], line["env"]):
             result = retrain(line["line"], str(line["params"]), ["detector.patchcore.coreset_ratio=0.15"])
@@ -332,8 +339,8 @@ def test_two_concurrent_retrains_of_one_line(own, record):
     second decides against the first's outcome (compare-and-set), both decisions are recorded."""
     line, state = own["line"], own["state"]
     tracking.configure(state.mlflow_uri)
-    before, champion = snapshot(state), tracking.version_for_alias(line["name"], "champion")
-    old_versions = {v["version"] for v in tracking.list_versions(line["name"])}
+    before, champion = snapshot(state), registry.version_for_alias(line["name"], "champion")
+    old_versions = {v["version"] for v in registry.list_versions(line["name"])}
     folder = own["tmp"] / "faults" / "concurrent"
     procs = [_cli_retrain(own, "promote", folder) for _ in range(2)]
     try:
@@ -343,7 +350,7 @@ def test_two_concurrent_retrains_of_one_line(own, record):
     finally:
         _kill_all(procs)
     assert codes == [0, 0], _logs(folder)
-    decisions = [v for v in tracking.list_versions(line["name"]) if v["version"] not in old_versions]
+    decisions = [v for v in registry.list_versions(line["name"]) if v["version"] not in old_versions]
     assert len(decisions) == 2 and all(v["tags"].get("promotion.decision") for v in decisions), decisions
     # Serialised: the first decided against the old champion, the second against the first's outcome.
     by_before = {v["version"]: v["tags"]["promotion.champion_before"] for v in decisions}
@@ -352,7 +359,7 @@ def test_two_concurrent_retrains_of_one_line(own, record):
               if by_before[a["version"]] == champion
               and by_before[b["version"]] == (a["version"] if a["tags"]["promotion.decision"] == "promoted"
                                               else champion)]
-    final = tracking.version_for_alias(line["name"], "champion")
+    final = registry.version_for_alias(line["name"], "champion")
     report = check(state, line["name"], before)
     record("fault", "two concurrent retrains of one line", lost=len(report.lost), corrupted=len(report.changed))
     assert report.ok, (report.lost, report.changed, report.problems)
@@ -365,4 +372,4 @@ def test_two_concurrent_retrains_of_one_line(own, record):
         run = tracking.get_run(v["run_id"])
         assert run["tags"]["promotion.decision"] == v["tags"]["promotion.decision"]
         assert json.loads(v["tags"]["promotion.reasons"])
-    assert not tracking._model_exists(line["name"] + tracking.GATE_LOCK_SUFFIX)  # lock released
+    assert not is_held(promote.gate_lock_path(line["name"]))  # lock released

@@ -138,6 +138,13 @@ def test_retrain_refuses_an_unknown_line_or_bad_set_in_one_line(base, tmp_path, 
     one_line_exit_2(code2, err2, "data.batch_size")
     one_line_exit_2(code3, err3, "no")
     assert not (tmp_path / "root").exists()  # no services started, no flow run, nothing written
+    code, err = _run(capsys, "retrain-unified", "plant", "--line", "nope", "--config", str(params))
+    code2, err2 = _run(capsys, "retrain-unified", "plant", "--config", str(params), "--set", "data.batch_size=-1")
+    code3, err3 = _run(capsys, "retrain-unified", "bad/name", "--config", str(params))
+    one_line_exit_2(code, err, "unknown product line(s) ['nope']")
+    one_line_exit_2(code2, err2, "data.batch_size")
+    one_line_exit_2(code3, err3, "unified model name 'bad/name'")
+    assert not (tmp_path / "root").exists()
 
 
 def test_json_dash_is_standard_output(tmp_path, monkeypatch, capsys, record):

@@ -27,11 +27,11 @@ from botocore.config import Config as BotoConfig
 from components.backbones import WeightsError, read_state_dict
 from components.config import ConfigError, validate
 from components.detector import ArtifactError, load_detector
-from flows import tracking
+from flows import registry, tracking
 from flows.feature_cache import cached_features_sha256, write_cached_features
 from flows.pyfunc_model import fetch_detector
-from flows.retrain import line_config
-from flows.storage import AccessDeniedError, ChecksumError, InvalidKeyError, ObjectStore, parse_uri
+from flows.steps import line_config
+from infra.storage import AccessDeniedError, ChecksumError, InvalidKeyError, ObjectStore, parse_uri
 from tests.reliability.invariants import snapshot
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -152,8 +152,8 @@ def test_planted_pickle_model_in_the_registry_is_refused(env, tmp_path, record):
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=Evil(), pip_requirements=["mlflow"])
     version = mlflow.register_model(info.model_uri, name).version
-    with pytest.raises(tracking.UnsafeModelError) as refused:
-        tracking.load_pyfunc(name, str(version))
+    with pytest.raises(registry.UnsafeModelError) as refused:
+        registry.load_pyfunc(name, str(version))
     record("security", "planted cloudpickle model in the MLflow registry")
     assert "refusing to load" in str(refused.value) and not marker.exists()
 
@@ -199,13 +199,13 @@ def test_credentials_never_in_mlflow_prefect_logs_or_store(services, champion_li
     secrets = _secrets(services)
     assert all(len(s) >= 16 for s in secrets)
     tracking.configure(services.mlflow_uri)
-    client = tracking._client()
+    client = tracking.client()
     leaks = []
     for exp in client.search_experiments():
         for run in client.search_runs([exp.experiment_id], max_results=500):
             text = json.dumps({"p": run.data.params, "t": run.data.tags}).encode()
             leaks += [f"run {run.info.run_id}" for s in secrets if s in text]
-    for info in tracking.list_versions(champion_line["name"]):
+    for info in registry.list_versions(champion_line["name"]):
         leaks += [f"version {info['version']}" for s in secrets if s in json.dumps(info["tags"]).encode()]
     # Service state and logs (SQLite databases of MLflow and Prefect included), except the two key files.
     leaks += _files_with_secrets(services.root, secrets, {"credentials.json", "s3.json", "service-secrets.json",
@@ -219,10 +219,10 @@ def test_credentials_never_in_mlflow_prefect_logs_or_store(services, champion_li
     for key in objects:
         body = s3.get_object(Bucket=services.bucket, Key=key)["Body"].read()
         leaks += [f"object {key}" for s in secrets if s in body]
-    registry = champion_line["root"] / "data-registry"
-    local = registry / ".dvc" / "config.local"
-    history = subprocess.run(["git", "-C", str(registry), "log", "--all", "-p"], capture_output=True).stdout
-    tracked = subprocess.run(["git", "-C", str(registry), "ls-files"], capture_output=True, text=True).stdout
+    data_registry = champion_line["root"] / "data-registry"
+    local = data_registry / ".dvc" / "config.local"
+    history = subprocess.run(["git", "-C", str(data_registry), "log", "--all", "-p"], capture_output=True).stdout
+    tracked = subprocess.run(["git", "-C", str(data_registry), "ls-files"], capture_output=True, text=True).stdout
     record("security", f"credentials absent from MLflow, Prefect, service logs and {len(objects)} stored objects")
     assert not leaks, leaks
     assert not any(s in history for s in secrets) and ".dvc/config.local" not in tracked.split()

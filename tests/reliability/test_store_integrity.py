@@ -14,7 +14,7 @@ import pytest
 
 from flows.candidate_check import CandidateCheckError, check_candidate
 from flows.pyfunc_model import fetch_detector
-from flows.storage import ChecksumError, parse_uri
+from infra.storage import ChecksumError, parse_uri
 from tests.e2e.tiny_line import unique_name
 from tests.reliability.invariants import check, snapshot
 
@@ -113,9 +113,9 @@ def test_retrain_after_a_metadata_intact_bit_flip_promotes_only_a_loadable_model
         second = retrain(line, str(params), ["promotion.image_auroc_tolerance=1", "promotion.aupro_tolerance=1"])
         report = check(services, name)
         for version in ("1", second["version"]):
-            from flows import tracking
 
-            tags = tracking.get_version(name, version)["tags"]
+            from flows import registry
+            tags = registry.get_version(name, version)["tags"]
             fetch_detector({"bank_uri": tags["bank_uri"], "bank_sha256": tags["bank_sha256"]},
                            tmp_path / f"serve-v{version}")
     record("fault", "bit flip under intact metadata in the shared backbone object, then retrain",

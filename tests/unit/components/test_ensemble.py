@@ -1,4 +1,4 @@
-"""The PatchCore backbone ensemble beyond the registry-wide contract (tests/unit/test_detector.py): member
+"""The PatchCore backbone ensemble beyond the registry-wide contract (tests/unit/components/test_detector.py): member
 scales, the normalised combination, its saved form, member configs and config errors."""
 
 from __future__ import annotations

@@ -97,11 +97,17 @@ def test_anomaly_map_points_at_the_square(fitted) -> None:
     assert bad.anomaly_maps.max() > good.anomaly_maps.max()
 
 
-def test_fit_accepts_batches_and_is_deterministic(fitted, textures) -> None:
+def test_fit_accepts_batches_and_is_deterministic(fitted, textures, tmp_path: Path) -> None:
     det, good, _ = fitted
     images = textures(TRAIN_SEEDS)
     again = create_detector(det.cfg).fit(iter([images[:3], images[3:6], images[6:]]))
     np.testing.assert_array_equal(again.score(textures(GOOD_SEEDS)).image_scores, good.image_scores)
+    # identical fits save identical folders (no timings or run facts in metadata.json): the object store's
+    # content addressing then reuses the first upload for a rerun
+    first, second = det.save(tmp_path / "a"), again.save(tmp_path / "b")
+    assert json.loads((first / MANIFEST).read_text()) == json.loads((second / MANIFEST).read_text())
+    saved = json.loads((first / "metadata.json").read_text())["fit_stats"]
+    assert not [k for k in saved if k.endswith("_s")] and any(k.endswith("_s") for k in det.fit_stats_)
 
 
 def test_save_load_round_trip(fitted, tmp_path: Path, textures) -> None:

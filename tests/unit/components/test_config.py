@@ -9,7 +9,7 @@ import yaml
 
 from components.config import Config, ConfigError, load_config, parse_override
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def write_params(tmp_path: Path, raw: dict) -> Path:
@@ -181,7 +181,7 @@ def test_packaged_defaults_are_what_params_yaml_ships():
     typed default, except the product lines it lists."""
     from pathlib import Path
 
-    shipped = load_config(Path(__file__).resolve().parents[2] / "params.yaml").to_dict()
+    shipped = load_config(Path(__file__).resolve().parents[3] / "params.yaml").to_dict()
     packaged = load_config(None).to_dict()
 
     def differences(a, b, where=""):

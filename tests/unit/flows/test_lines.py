@@ -10,7 +10,7 @@ import pytest
 from components.config import load_config
 from flows.cli import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

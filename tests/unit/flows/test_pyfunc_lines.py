@@ -11,7 +11,7 @@ import pytest
 from components.dinomaly import fit_unified
 from flows.pyfunc_model import predict_frame
 from tests.conftest import write_line
-from tests.unit.test_dinomaly import tiny_cfg
+from tests.unit.components.test_dinomaly import tiny_cfg
 
 
 def test_line_column_selects_each_lines_threshold(tmp_path: Path) -> None:

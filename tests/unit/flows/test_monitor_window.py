@@ -22,7 +22,7 @@ def test_batch_decisions_are_recorded_and_read_back_as_the_window(tmp_path: Path
         path = tmp_path / f"part-{i}.png"
         Image.fromarray(np.full((40, 40, 3), level, np.uint8)).save(path)
         predictions.append({"image": str(path), "score": float(rng.random()), "decision": ("good", "defective")[i]})
-    assert record_decisions.fn(cfg.to_dict(), "line", "defectops-line", "3", predictions, 0.5) == 2
+    assert record_decisions.fn(cfg, "line", "defectops-line", "3", predictions, 0.5) == 2
     store = DecisionStore(tmp_path / "root" / "serving")
     try:
         assert recent_window(store, "line", "4", 10) == []  # another version's decisions are not its window

@@ -1,11 +1,12 @@
 """Uninformed Students: each loss on hand-checkable tensors, dense output equal to patch-wise output, the
 teacher's data and cache (a second fit reuses it), checkpoint resume, a self-contained saved model.
 
-The registry-wide contract (fit/score/save/load, obvious anomaly) runs in tests/unit/test_detector.py.
+The registry-wide contract (fit/score/save/load, obvious anomaly) runs in tests/unit/components/test_detector.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -33,11 +34,12 @@ from components.students.networks import (
     PatchNet,
     dense_descriptors,
     dilation_schedule,
+    layer_plan,
     pad_for_dense,
     patch_descriptors,
 )
 from components.students.teacher import natural_images, sample_patch_pool, teacher_digest
-from components.students.trainer import crop_positions, take_crops
+from components.students.trainer import crop_positions, crop_span, take_crops
 from tests.conftest import TINY_METHOD_PARAMS
 from tests.unit._trained import (
     assert_same_weights,
@@ -155,6 +157,86 @@ def test_crops_cover_exactly_the_pixels_they_train() -> None:
         torch.testing.assert_close(out[k], dense[i, :, t:t + 16, c:c + 16], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("patch_size", [9, 17, 33, 65])
+def test_stride_two_plan_keeps_exactly_the_patch_size(patch_size: int) -> None:
+    plan = layer_plan(patch_size, 2)
+    assert plan[:2] == [(1, 1), (1, 2)] and all(s == 1 for _, s in plan[2:])
+    reach, step = 1, 1  # receptive field and spacing of the current layer's outputs, in input pixels
+    for d, s in plan:
+        assert d * step <= reach  # no gridding holes
+        reach += 2 * d * step
+        step *= s
+    assert reach == patch_size
+    assert layer_plan(17, 2) == [(1, 1), (1, 2), (1, 1), (2, 1)]
+    assert layer_plan(17, 1) == [(d, 1) for d in dilation_schedule(17)]
+    for bad in (5, 11, 15):
+        with pytest.raises(ValueError, match="1 \\(mod 4\\)"):
+            layer_plan(bad, 2)
+    with pytest.raises(ValueError, match="1 \\(mod 4\\)"):
+        StudentsConfig(patch_sizes=[17, 31])
+
+
+@pytest.mark.parametrize(("patch_size", "height", "width"), [(9, 30, 34), (17, 31, 24)])
+def test_stride_two_dense_output_is_the_patch_wise_output_at_every_other_pixel(patch_size: int, height: int,
+                                                                             width: int) -> None:
+    torch.manual_seed(patch_size)
+    net = PatchNet(patch_size, channels=8, descriptor_dim=6, leaky_slope=0.005, stride=2).eval()
+    images = torch.rand(2, 3, height, width)
+    with torch.no_grad():
+        dense = dense_descriptors(net, images)
+        assert dense.shape == (2, 6, (height + 1) // 2, (width + 1) // 2)
+        positions = [(2 * i, 2 * j) for i in range(dense.shape[2]) for j in range(dense.shape[3])]
+        patched = patch_descriptors(net, images, positions)
+    for k, (r, c) in enumerate(positions):
+        torch.testing.assert_close(dense[:, :, r // 2, c // 2], patched[:, k], atol=1e-5, rtol=1e-5)
+
+
+def test_stride_two_crops_train_the_descriptors_scoring_uses() -> None:
+    torch.manual_seed(0)
+    net = PatchNet(9, channels=4, descriptor_dim=3, leaky_slope=0.005, stride=2).eval()
+    images = torch.rand(3, 3, 40, 36)
+    crop = 8
+    span = crop_span(crop, 2)
+    assert span == 15
+    positions = crop_positions(5, 3, 40, 36, span, 4, seed=7)
+    positions[0, 1:] = torch.tensor([2, 4])  # one crop on the scoring grid (even top and left)
+    with torch.no_grad():
+        out = net(take_crops(pad_for_dense(images, 9), positions, crop, 9, stride=2))
+        assert out.shape == (4, 3, crop, crop)
+        i, t, c = positions[0].tolist()
+        dense = dense_descriptors(net, images)
+        torch.testing.assert_close(out[0], dense[i, :, t // 2:t // 2 + crop, c // 2:c // 2 + crop], atol=1e-5,
+                                   rtol=1e-5)
+        for k, (i, t, c) in enumerate(positions.tolist()):  # any crop: the patch-wise descriptors it spans
+            ref = patch_descriptors(net, images[i:i + 1], [(t + 2 * a, c + 2 * b) for a in (0, crop - 1)
+                                                           for b in (0, crop - 1)])[0]
+            got = torch.stack([out[k, :, a, b] for a in (0, crop - 1) for b in (0, crop - 1)])
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_saved_before_dense_stride_loads_with_stride_one(tmp_path: Path, textures) -> None:
+    det = Students(tiny_cfg(dense_stride=1)).fit(textures(range(4)))
+    path = det.save(tmp_path / "model")
+    meta = json.loads((path / "metadata.json").read_text())
+    del meta["config"]["detector"]["students"]["dense_stride"]  # as written before the field existed
+    (path / "metadata.json").write_text(json.dumps(meta))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["metadata.json"] = {"sha256": hashlib.sha256((path / "metadata.json").read_bytes()).hexdigest(),
+                                          "size": (path / "metadata.json").stat().st_size}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_detector(path)
+    assert loaded.params.dense_stride == 1 and Students(tiny_cfg()).params.dense_stride == 2
+    good = textures([100])
+    np.testing.assert_array_equal(loaded.score(good).anomaly_maps, det.score(good).anomaly_maps)
+
+
+def test_stride_two_scores_maps_at_the_input_size(textures) -> None:
+    det = Students(tiny_cfg()).fit(textures(range(4)))
+    assert det.params.dense_stride == 2 and det.net_.teacher["p9"].stride == 2
+    out = det.score(textures([100, 101]))
+    assert out.anomaly_maps.shape == (2, 64, 64) and np.isfinite(out.anomaly_maps).all()
+
+
 # ------------------------------------------------------------------------------------------ teacher
 def test_natural_images_and_patch_pool() -> None:
     images = natural_images()
@@ -219,7 +301,8 @@ def test_teacher_digest_tracks_teacher_settings_and_weights_only() -> None:
 # ------------------------------------------------------------------------------- fit, resume, save
 def test_fit_callbacks_and_saved_model_is_self_contained(tmp_path: Path, textures) -> None:
     logged, bars = [], []
-    det = Students(tiny_cfg(tmp_path / "services", teacher_cache=True, patch_sizes=[5, 9], iterations=4))
+    det = Students(tiny_cfg(tmp_path / "services", teacher_cache=True, patch_sizes=[5, 9], iterations=4,
+                                dense_stride=1))
     det.fit(textures(range(4)), progress=lambda *a: bars.append(a), log_step=lambda s, m: logged.append((s, m)))
     assert [s for s, _ in logged] == [1, 2, 3, 4] and set(logged[0][1]) == {"loss", "loss_p5", "loss_p9"}
     assert bars[-1] == ("train", 4, 4) and ("teacher", 16, 16) in bars
@@ -335,7 +418,7 @@ def test_teacher_source_images_and_cache_key(tmp_path: Path) -> None:
 
 def test_line_teacher_fit_with_the_paper_compactness_and_three_scales(tmp_path: Path, textures) -> None:
     cfg = tiny_cfg(tmp_path / "services", teacher_cache=True, teacher_source="line", compactness="sum",
-                   patch_sizes=[5, 9, 17])
+                   patch_sizes=[5, 9, 17], dense_stride=1)
     det = Students(cfg).fit(textures(range(6)))
     assert det.teacher_desc_["source"] == "line" and det.fit_stats_["teacher_reused"] == 0.0
     assert set(det.net_.teacher.keys()) == {"p5", "p9", "p17"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -210,7 +211,9 @@ def test_approximate_indexes_round_trip(index: str, tiny_config: Config, texture
     assert (path / "index.faiss").is_file()
     again = load_detector(path)
     np.testing.assert_array_equal(again.score(textures(range(100, 104))).image_scores, good.image_scores)
-    assert again.index_report_ == det.index_report_ and again.index_report_.kind == index
+    saved = {k: v for k, v in asdict(det.index_report_).items() if not k.endswith("_s")}
+    assert {k: v for k, v in asdict(again.index_report_).items() if not k.endswith("_s")} == saved
+    assert again.index_report_.kind == index  # timings (build_s, check_s) are not saved
 
 
 def test_auto_index_is_recall_checked_and_recorded(tiny_config: Config, textures, tmp_path: Path) -> None:

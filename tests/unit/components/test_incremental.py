@@ -54,7 +54,7 @@ def test_update_keeps_every_old_row_and_records_it(tiny_config: Config, textures
     assert record["data"] == {"source": "new-batch", "files": 4}
     det.save(tmp_path / "m")
     again = load_detector(tmp_path / "m")
-    assert again.updates_ == det.updates_
+    assert again.updates_ == [{k: v for k, v in u.items() if k != "seconds"} for u in det.updates_]  # no timings saved
     np.testing.assert_array_equal(again.memory_bank_, det.memory_bank_)
     # refitting starts a new lineage
     assert PatchCore(cfg).fit(textures(range(2))).updates_ == []

@@ -34,7 +34,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 
-from flows import faults
+from infra import faults
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class ObjectStore:
         return StoredObject(self._uri(key), key, sha, size)
 
     def _fault_callback(self, size: int):
-        """The reliability tests' "upload.multipart" pause point (flows.faults), reached once while the
+        """The reliability tests' "upload.multipart" pause point (infra.faults), reached once while the
         parts of a multipart upload are being sent; None (no callback at all) unless a test armed it."""
         if size < self._transfer.multipart_threshold or not faults.armed("upload.multipart"):
             return None

@@ -15,7 +15,7 @@ import yaml
 
 from components.config import Config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PIPELINE_ONLY = ("prefect", "mlflow", "boto3", "botocore", "dvc", "dvc_s3", "dask", "distributed", "fastapi",
                  "starlette", "uvicorn", "onnx", "onnxruntime", "openvino", "pandas", "matplotlib",
                  "prometheus_client", "sklearn")

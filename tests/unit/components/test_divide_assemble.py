@@ -1,6 +1,6 @@
 """Divide-and-Assemble: block-wise memory (read = explicit weighted sum, shapes per block size, a small memory
 cannot pass its input through), networks, losses, training callbacks, checkpoint resume, fit through
-components.training.fit_line. The Detector contract itself runs in tests/unit/test_detector.py.
+components.training.fit_line. The Detector contract itself runs in tests/unit/components/test_detector.py.
 """
 
 from __future__ import annotations

@@ -364,7 +364,7 @@ def test_service_settings_are_typed_and_checked(fitted):
     from components.config import Config, ConfigError, ServiceConfig, load_config
     from flows.service.app import served_lines
 
-    repo = load_config(Path(__file__).resolve().parents[2] / "params.yaml")
+    repo = load_config(Path(__file__).resolve().parents[3] / "params.yaml")
     assert repo.service == ServiceConfig() and repo.service.host == "127.0.0.1"
     assert Config().digest() == Config(service=ServiceConfig(port=9000)).digest()  # not a model parameter
     with pytest.raises(ConfigError, match="service.host"):

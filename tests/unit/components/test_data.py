@@ -28,7 +28,7 @@ from components.data import (
     split_calibration,
 )
 
-DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+DATASETS = Path(__file__).resolve().parents[4] / "shared" / "datasets"
 if not DATASETS.is_dir():
     DATASETS = Path("/work/shared/datasets")
 
