@@ -66,6 +66,10 @@ def _from_env(name: str) -> str:
 
 @dataclass(frozen=True)
 class ServicesConfig:
+    """What starting the services needs, keys included. params.yaml's `services:` section is
+    components.config.ServicesConfig (validated, no keys); flows.ops_cli.services_config converts it. Two
+    classes on purpose: infra/ imports nothing from components/ (whose import pulls in torch)."""
+
     root: Path = Path(".defectops")
     host: str = "127.0.0.1"
     s3_port: int = 8333

@@ -95,7 +95,8 @@ class StoredObject:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks. (components.detector has the same six lines:
+    importing anything from components/ imports torch, which the object store client and `up` must not.)"""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):

@@ -41,7 +41,7 @@ TEACHER_DIR = "teachers"
 
 @register_detector("students")
 class Students(TorchDetector):
-    SAVED_BEFORE_DEFAULTS = {"dense_stride": 1}
+    SAVED_BEFORE_DEFAULTS = {"dense_stride": 1, "compactness": "squared", "teacher_source": "skimage"}
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)  # weights_: the backbone the teacher was distilled from (lineage)
         self.net_: StudentsNet | None = None

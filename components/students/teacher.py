@@ -12,7 +12,7 @@ layer from the descriptor to that feature (as the paper's fully connected decode
 Image source (`teacher_source`): "skimage" (the default, above), "line" (the fit's own good images, as
 given to fit), "folder" (every image in `teacher_folder`, read with PIL, longer side at most MAX_SIDE) or
 "mix" (skimage + line, + the folder when given; patches are drawn from a uniformly chosen image, so each
-source weighs by its image count). Compactness: `compactness` "squared" (default) or "sum" (the paper's).
+source weighs by its image count). Compactness: `compactness` "sum" (the paper's, default) or "squared".
 
 The teacher is trained once per (teacher hyperparameters, backbone name, backbone weights sha256, image
 source and a sha256 of its images when not the default) and cached under `<cache_root>/<digest>/`

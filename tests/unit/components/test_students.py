@@ -391,8 +391,12 @@ def test_teacher_source_images_and_cache_key(tmp_path: Path) -> None:
     key = teacher_digest(base, "m", "a" * 64)
     # defaults unchanged: the skimage source adds nothing to the key (caches from before stay valid)
     assert teacher_module.source_key(base, None) is None
-    assert "compactness" not in base.teacher_fields() and "teacher_source" not in base.teacher_fields()
-    assert base.model_copy(update={"compactness": "sum"}).teacher_fields()["compactness"] == "sum"
+    assert "teacher_source" not in base.teacher_fields()
+    # fields added later enter the key only when they differ from what teachers were built with before them:
+    # the paper's compactness (today's default) and stride 2 do; squared compactness at stride 1 does not
+    assert base.teacher_fields()["compactness"] == "sum" and base.teacher_fields()["dense_stride"] == 2
+    legacy = base.model_copy(update={"compactness": "squared", "dense_stride": 1})
+    assert "compactness" not in legacy.teacher_fields() and "dense_stride" not in legacy.teacher_fields()
     line = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
     own = base.model_copy(update={"teacher_source": "line"})
     images = teacher_module.teacher_images(own, line)
