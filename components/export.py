@@ -75,11 +75,10 @@ class StudentsGraph(torch.nn.Module):
             raise NotExportableError("students: a working image_size other than the input size needs an "
                                      "antialiased resize, which onnxruntime has no kernel for")
         self.net, self.top_ratio = detector.net_.eval(), params.top_ratio
-        stride, sigma = params.dense_stride, float(params.smoothing_sigma)
-        radius = maps.kernel_radius(sigma) if sigma > 0 else 0
-        mode = "reflect" if min(image_hw) > radius else "replicate"
-        for name, side in (("a_h", image_hw[0]), ("a_w", image_hw[1])):
-            self.register_buffer(name, maps.resize_blur_operator(dense_size(side, stride), side, sigma, mode).float())
+        grid = (dense_size(image_hw[0], params.dense_stride), dense_size(image_hw[1], params.dense_stride))
+        a_h, a_w = maps.resize_blur_operators(grid, image_hw, params.smoothing_sigma)
+        self.register_buffer("a_h", a_h.float())
+        self.register_buffer("a_w", a_w.float())
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dense = self.net(images)

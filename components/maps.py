@@ -57,12 +57,18 @@ def to_input_resolution(patch_scores: torch.Tensor, size: tuple[int, int], sigma
     Equal to gaussian_blur(upsample(patch_scores, size), sigma) up to float rounding, computed as
     A_h @ patch_scores @ A_w^T with the per-axis operators of `resize_blur_operator`.
     """
-    (h, w), (out_h, out_w) = tuple(patch_scores.shape[-2:]), tuple(size)
+    a_h, a_w = resize_blur_operators(tuple(patch_scores.shape[-2:]), tuple(size), sigma)
+    return torch.matmul(torch.matmul(a_h.to(patch_scores.dtype), patch_scores), a_w.to(patch_scores.dtype).T)
+
+
+def resize_blur_operators(grid: tuple[int, int], size: tuple[int, int], sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-axis operators of `to_input_resolution` for a (h, w) grid and an (H, W) output:
+    (A_h (H, h), A_w (W, w)) float64, the padding mode chosen as gaussian_blur chooses it. The exports hold
+    them as constants."""
+    (h, w), (out_h, out_w) = (int(grid[0]), int(grid[1])), (int(size[0]), int(size[1]))
     radius = kernel_radius(float(sigma)) if sigma > 0 else 0
     mode = "reflect" if min(out_h, out_w) > radius else "replicate"  # as gaussian_blur decides it
-    a_h = resize_blur_operator(h, out_h, float(sigma), mode).to(patch_scores.dtype)
-    a_w = resize_blur_operator(w, out_w, float(sigma), mode).to(patch_scores.dtype)
-    return torch.matmul(torch.matmul(a_h, patch_scores), a_w.T)
+    return (resize_blur_operator(h, out_h, float(sigma), mode), resize_blur_operator(w, out_w, float(sigma), mode))
 
 
 @functools.lru_cache(maxsize=32)

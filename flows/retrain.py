@@ -37,6 +37,7 @@ from flows.steps import (
     line_config,
     line_params,
     register,
+    run_label,
     services_root,
     start_flow_run,
     upload_model,
@@ -82,7 +83,8 @@ def retrain(product_line: str, params_path: str = "params.yaml", overrides: list
         check_stored_candidate(run_id, bank, model["model_dir"], data["path"], str(work), product_line)
         step = "register"
         version = register(run_id, name, bank, endpoint,
-                           {**version_tags(cfg, info, data, model, metrics, product_line), **exported["tags"]})
+                           {**version_tags(cfg, info, data, model, metrics, product_line), **exported["tags"]},
+                           run_label("retrain", product_line))
         step = "promote"
         decision = gate(name, version, metrics, data["eval_data_hash"], cfg, data["path"], str(work))
         tracking.log_metrics(run_id, {"retrain_s": time.perf_counter() - t_start})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 from dataclasses import asdict
@@ -244,12 +243,12 @@ def check_stored_candidate(run_id: str, bank: dict, model_dir: str, data_path: s
 
 
 @task(cache_policy=NO_CACHE)
-def register(run_id: str, name: str, bank: dict, endpoint: str, tags: dict) -> str:
-    """Register the uploaded model as a new version of `name`; the run is renamed `<kind>-<line>-v<version>`."""
+def register(run_id: str, name: str, bank: dict, endpoint: str, tags: dict, label: str) -> str:
+    """Register the uploaded model as a new version of `name`; the run is renamed `<label>-v<version>`
+    (label: `run_label`, what the run was named by at its start)."""
     version = registry.register_version(run_id, name, StoredObject(**bank), endpoint, tags)
     try:
-        base = re.sub(r"-\d{8}T\d{6}Z$", "", tracking.get_run(run_id)["name"] or "run")
-        tracking.rename_run(run_id, f"{base}-v{version}")
+        tracking.rename_run(run_id, f"{label}-v{version}")
     except Exception as exc:  # noqa: BLE001 - a name is a convenience; the version is registered
         logger.warning("could not rename MLflow run %s: %s", run_id, exc)
     return version
@@ -311,6 +310,11 @@ def line_params(cfg: Config, line: str) -> dict[str, Any]:
                      "cron": spec.cron}}
 
 
+def run_label(kind: str, line: str) -> str:
+    """What a flow's MLflow run is named by: `<kind>-<line>`, then a UTC stamp, then `-v<version>`."""
+    return f"{kind}-{line}"
+
+
 def start_flow_run(line: str, cfg: Config, kind: str = "retrain") -> tuple[str, dict[str, str]]:
     """The MLflow run of this flow run (experiment defectops/<line>), tagged with the code version and
     `kind`; -> (run_id, tags shared with results)."""
@@ -324,7 +328,7 @@ def start_flow_run(line: str, cfg: Config, kind: str = "retrain") -> tuple[str, 
         logger.warning("could not check %s for runs left RUNNING by dead processes: %s", line, exc)
     try:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        run_id = tracking.start_run(line, f"{kind}-{line}-{stamp}",  # -v<version> once registered
+        run_id = tracking.start_run(line, f"{run_label(kind, line)}-{stamp}",  # -v<version> once registered
                                     {**info, "params_hash": cfg.digest(), "kind": kind})
     except Exception as exc:
         raise RetrainError(f"{kind} {line}: cannot start an MLflow run at {tracking.tracking_uri()}: "

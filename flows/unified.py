@@ -40,6 +40,7 @@ from flows.steps import (
     checkpoint_dir,
     fail_run,
     register,
+    run_label,
     services_root,
     start_flow_run,
     unified_config,
@@ -257,7 +258,8 @@ def retrain_unified(name: str, lines: list[str] | None = None, params_path: str 
         means = mean_metrics(per_line)
         tracking.log_metrics(run_id, means)
         step = "register"
-        version = register(run_id, registered, bank, endpoint, _version_tags(cfg, info, data, model, per_line, label))
+        version = register(run_id, registered, bank, endpoint, _version_tags(cfg, info, data, model, per_line, label),
+                           run_label("retrain-unified", label))
         step = "promote"
         decision = gate_unified(registered, version, per_line, {k: d["eval_data_hash"] for k, d in data.items()},
                                 cfg, paths, str(work))

@@ -139,11 +139,7 @@ def scoring_graph(detector, image_hw: tuple[int, int] | None = None, block: int 
     support = None
     if p.image_score != "max":
         support = torch.from_numpy(support_table(bank, min(p.num_neighbors, len(bank))))
-    sigma = float(p.smoothing_sigma)
-    radius = maps.gaussian_kernel1d(sigma).numel() // 2 if sigma > 0 else 0
-    mode = "reflect" if min(hw) > radius else "replicate"  # as maps.to_input_resolution decides it
-    a_h = maps.resize_blur_operator(int(grid[0]), hw[0], sigma, mode)
-    a_w = maps.resize_blur_operator(int(grid[1]), hw[1], sigma, mode)
+    a_h, a_w = maps.resize_blur_operators(grid, hw, float(p.smoothing_sigma))
     return PatchCoreGraph(embedder, torch.from_numpy(bank), support, a_h, a_w, block).eval()
 
 
