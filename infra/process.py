@@ -78,9 +78,10 @@ def find_free_ports(host: str, count: int, *, offset: int | None = None, avoid: 
 
 
 def launch(
-    argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, log_file: Path
+    argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, log_file: Path, popen_kwargs: Mapping | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a new session, stdout and stderr appended to ``log_file``."""
+    """Start ``argv`` in a new session, stdout and stderr appended to ``log_file`` (``popen_kwargs``: e.g.
+    ``user``/``group`` for a server that must not run as root)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
@@ -95,6 +96,7 @@ def launch(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
+            **dict(popen_kwargs or {}),
         )
     _CHILDREN[proc.pid] = proc
     return proc
@@ -156,18 +158,20 @@ def _has_other_members(pgid: int) -> bool:
     return False
 
 
-def stop_group(pid: int, *, term_timeout_s: float = 15.0, kill_timeout_s: float = 5.0) -> str:
-    """SIGTERM the process group led by ``pid``, wait, then SIGKILL it.
+def stop_group(pid: int, *, term_timeout_s: float = 15.0, kill_timeout_s: float = 5.0,
+               first: signal.Signals = signal.SIGTERM) -> str:
+    """``first`` (SIGTERM; PostgreSQL's fast shutdown is SIGINT) to the process group led by ``pid``, wait,
+    then SIGKILL it.
 
     Returns ``"gone"`` (nothing left to signal), ``"terminated"`` or ``"killed"``.
     """
     outcome = "gone"
-    for sig, timeout in ((signal.SIGTERM, term_timeout_s), (signal.SIGKILL, kill_timeout_s)):
+    for sig, timeout in ((first, term_timeout_s), (signal.SIGKILL, kill_timeout_s)):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
             return outcome
-        outcome = "terminated" if sig == signal.SIGTERM else "killed"
+        outcome = "terminated" if sig != signal.SIGKILL else "killed"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not _group_alive(pid):

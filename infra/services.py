@@ -19,13 +19,14 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra import logins, pidfile, process
+from infra import logins, pidfile, postgres, process, tls
 from infra.credentials import (
     ACCESS_KEY_ENV,
     SECRET_KEY_ENV,
@@ -38,9 +39,12 @@ from infra.process import PortInUseError
 
 logger = logging.getLogger(__name__)
 
-SEAWEEDFS, MLFLOW, PREFECT = "seaweedfs", "mlflow", "prefect"
+SEAWEEDFS, MLFLOW, PREFECT, POSTGRES = "seaweedfs", "mlflow", "prefect", "postgres"
 ALL_SERVICES: tuple[str, ...] = (SEAWEEDFS, MLFLOW, PREFECT)
+# POSTGRES is never asked for by name: it starts under MLflow and Prefect when database is "postgresql".
+_ORDER: tuple[str, ...] = (SEAWEEDFS, POSTGRES, MLFLOW, PREFECT)
 _DEPENDENCIES = {MLFLOW: (SEAWEEDFS,)}  # MLflow proxies its artifacts to s3://BUCKET/mlflow
+DATABASES = ("sqlite", "postgresql")
 OFFLINE_ENV: Mapping[str, str] = {
     "DO_NOT_TRACK": "true",  # MLflow honours "true", not "1"
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -80,6 +84,7 @@ class ServicesConfig:
     bucket: str = "defectops"
     start_timeout_s: float = 60.0
     services: tuple[str, ...] = ALL_SERVICES
+    database: str = "sqlite"  # MLflow's backend store and Prefect's database: SQLite files or local PostgreSQL
 
     def __post_init__(self) -> None:
         host = "127.0.0.1" if self.host == "localhost" else self.host
@@ -89,6 +94,8 @@ class ServicesConfig:
         unknown = sorted(set(self.services) - set(ALL_SERVICES))
         if unknown:
             raise ValueError(f"ServicesConfig.services: unknown {unknown}; known: {list(ALL_SERVICES)}")
+        if self.database not in DATABASES:
+            raise ValueError(f"ServicesConfig.database={self.database!r}: use one of {list(DATABASES)}")
         if not _BUCKET_RE.match(self.bucket):
             raise ValueError(f"ServicesConfig.bucket={self.bucket!r}: use 3-63 of a-z 0-9 . -")
 
@@ -202,11 +209,14 @@ def _seaweedfs_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> Serv
 
 def _mlflow_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> ServiceSpec:
     home = root / MLFLOW
-    argv = (_executable("mlflow", "mlflow"), "server", "--app-name", "basic-auth",
-            "--host", cfg.host, "--port", str(cfg.mlflow_port),
-            "--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-            "--artifacts-destination", f"s3://{cfg.bucket}/mlflow", "--serve-artifacts")
     env = _base_env(root, MLFLOW)
+    backend = f"sqlite:///{home / 'mlflow.db'}"
+    if cfg.database == "postgresql":
+        backend = postgres.mlflow_backend_uri(_postgres_port(root))
+        env["PGPASSWORD"] = service_secrets(root)["postgres_password"]  # libpq (psycopg2) reads it
+    argv = (_executable("mlflow", "mlflow"), "server", "--app-name", "basic-auth",
+            "--host", cfg.host, "--port", str(cfg.mlflow_port), "--workers", "1", "--backend-store-uri", backend,
+            "--artifacts-destination", f"s3://{cfg.bucket}/mlflow", "--serve-artifacts")
     env.update(MLFLOW_S3_ENDPOINT_URL=_url(cfg, cfg.s3_port), AWS_ACCESS_KEY_ID=creds.access_key,
                AWS_SECRET_ACCESS_KEY=creds.secret_key, AWS_DEFAULT_REGION="us-east-1",
                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_AUTH_CONFIG_PATH=str(home / "auth.ini"),
@@ -230,11 +240,33 @@ def _prefect_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> Servic
                PREFECT_SERVER_API_HOST=cfg.host, PREFECT_SERVER_API_PORT=str(cfg.prefect_port),
                PREFECT_SERVER_API_AUTH_STRING=f"{logins.PREFECT_USER}:{service_secrets(root)['prefect_password']}",
                PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS=_url(cfg, cfg.prefect_port))
+    if cfg.database == "postgresql":
+        env.update(postgres.prefect_env(_postgres_port(root), service_secrets(root)["postgres_password"]))
     return ServiceSpec(PREFECT, argv, cfg.prefect_port, url, f"{url}/health", root / "logs" / "prefect.log",
                        home, env)
 
 
-_SPECS = {SEAWEEDFS: _seaweedfs_spec, MLFLOW: _mlflow_spec, PREFECT: _prefect_spec}
+def _postgres_spec(cfg: ServicesConfig, root: Path, creds: Credentials) -> ServiceSpec:
+    del creds
+    home = root / POSTGRES
+    port = postgres.port_of(home)
+    if port is None or process.port_state(cfg.host, port) == "in_use":  # first start, or taken meanwhile
+        port = process.find_free_ports(cfg.host, 1, avoid=_public_ports(cfg))[0]
+    env = _base_env(root, POSTGRES)
+    env["TMPDIR"] = str(home / "tmp")
+    url = f"postgresql://{cfg.host}:{port}"
+    return ServiceSpec(POSTGRES, postgres.server_argv(home, port), port, url, url, root / "logs" / "postgres.log",
+                       home, env)
+
+
+def _postgres_port(root: Path) -> int:
+    port = postgres.port_of(root / POSTGRES)
+    if port is None:
+        raise ServiceStartError(f"postgres: {root / POSTGRES / 'port'} is missing; start the services again")
+    return port
+
+
+_SPECS = {SEAWEEDFS: _seaweedfs_spec, POSTGRES: _postgres_spec, MLFLOW: _mlflow_spec, PREFECT: _prefect_spec}
 
 
 def _public_ports(cfg: ServicesConfig) -> list[int]:
@@ -242,6 +274,8 @@ def _public_ports(cfg: ServicesConfig) -> list[int]:
 
 
 def _public_url(cfg: ServicesConfig, name: str) -> str:
+    if name == POSTGRES:
+        return f"postgresql://{cfg.host}:{postgres.port_of(cfg.root.resolve() / POSTGRES) or '?'}"
     port = {SEAWEEDFS: cfg.s3_port, MLFLOW: cfg.mlflow_port, PREFECT: cfg.prefect_port}[name]
     return _url(cfg, port) + ("/api" if name == PREFECT else "")
 
@@ -249,22 +283,53 @@ def _public_url(cfg: ServicesConfig, name: str) -> str:
 # ---------------------------------------------------------------- start / stop / status
 
 
-def _with_dependencies(names: tuple[str, ...]) -> list[str]:
-    wanted = set(names)
-    for name in names:
+def _with_dependencies(cfg: ServicesConfig) -> list[str]:
+    wanted = set(cfg.services)
+    for name in cfg.services:
         wanted.update(_DEPENDENCIES.get(name, ()))
-    return [name for name in ALL_SERVICES if name in wanted]
+    if cfg.database == "postgresql" and wanted & {MLFLOW, PREFECT}:
+        wanted.add(POSTGRES)
+    return [name for name in _ORDER if name in wanted]
+
+
+def _healthy(url: str) -> bool:
+    return postgres.ready(url) if url.startswith("postgresql://") else process.http_ok(url, timeout_s=2.0)
+
+
+def _check_database(cfg: ServicesConfig, root: Path) -> None:
+    """Refuse to start MLflow or Prefect on the other database than the one this root already keeps: the
+    registry would look empty, not move."""
+    if not {MLFLOW, PREFECT} & set(cfg.services):
+        return
+    sqlite_files = [p for p in (root / MLFLOW / "mlflow.db", root / PREFECT / "prefect.db") if p.exists()]
+    if cfg.database == "postgresql" and sqlite_files:
+        found, other = f"SQLite ({sqlite_files[0]})", "sqlite"
+    elif cfg.database == "sqlite" and postgres.initialised(root / POSTGRES):
+        found, other = f"PostgreSQL ({root / POSTGRES / 'data'})", "postgresql"
+    else:
+        return
+    raise ServiceStartError(f"services.database is {cfg.database}, but {root} keeps its registry and flow runs "
+                            f"in {found}: starting on the other database would show them empty, not move them. "
+                            f"Set services.database: {other}, or use another services.root")
 
 
 def _prepare(cfg: ServicesConfig, name: str, root: Path, creds: Credentials) -> ServiceSpec:
     spec = _SPECS[name](cfg, root, creds)
     _check_port(cfg, spec)
+    if name == POSTGRES:
+        who = postgres.run_as()
+        try:
+            postgres.init_cluster(spec.cwd, service_secrets(root)["postgres_password"], spec.port, who)
+        except postgres.PostgresError as exc:
+            raise ServiceStartError(f"postgres: {exc}") from None
+        postgres.prepare_tmp(spec.cwd / "tmp", who)
     if name == SEAWEEDFS:
         (spec.cwd / "data").mkdir(parents=True, exist_ok=True)
         identity = {"name": "defectops", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
                     "credentials": [{"accessKey": creds.access_key, "secretKey": creds.secret_key}]}
         write_private_json(spec.cwd / "s3.json", {"identities": [identity]})
-        logins.write_private_text(spec.cwd / "security.toml", logins.seaweedfs_security(service_secrets(root)))
+        security = logins.seaweedfs_security(service_secrets(root), tls.ensure(spec.cwd / "tls"))
+        logins.write_private_text(spec.cwd / "security.toml", security)
     if name == MLFLOW:
         logins.write_private_text(spec.cwd / "auth.ini", logins.mlflow_auth_ini(spec.cwd, service_secrets(root)))
     return spec
@@ -273,14 +338,14 @@ def _prepare(cfg: ServicesConfig, name: str, root: Path, creds: Credentials) -> 
 def _check_port(cfg: ServicesConfig, spec: ServiceSpec) -> None:
     # "lingering" (TIME_WAIT left by an instance just stopped) is fine: weed, uvicorn and Prefect rebind it.
     # weed's internal ports are strict about TIME_WAIT, which is why they are drawn fresh on each start.
-    if process.port_state(cfg.host, spec.port) == "in_use":
+    if spec.name != POSTGRES and process.port_state(cfg.host, spec.port) == "in_use":
         raise PortInUseError(f"{spec.name}: port {spec.port} on {cfg.host} is already in use by another "
                              f"process; stop it or set another port in ServicesConfig")
 
 
 def _wait_healthy(spec_name: str, health_url: str, log: Path, deadline: float, proc=None) -> None:
     while True:
-        if process.http_ok(health_url, timeout_s=2.0):
+        if _healthy(health_url):
             return
         if proc is not None and proc.poll() is not None:
             reason = f"exited with code {proc.returncode} before it was healthy"
@@ -320,7 +385,8 @@ def start(cfg: ServicesConfig) -> ServiceState:
 
 def _start(cfg: ServicesConfig, root: Path) -> ServiceState:
     creds = load_or_create(root, cfg.access_key, cfg.secret_key)
-    names = _with_dependencies(cfg.services)
+    _check_database(cfg, root)
+    names = _with_dependencies(cfg)
     records = {k: v for k, v in pidfile.read_records(root).items() if pidfile.running(v)}
     _check_reused_ports(cfg, records)
     launched: dict[str, tuple[ServiceSpec, object, float]] = {}
@@ -328,7 +394,9 @@ def _start(cfg: ServicesConfig, root: Path) -> ServiceState:
         for name in names:
             if name not in records:
                 spec = _prepare(cfg, name, root, creds)
-                proc = process.launch(spec.argv, env=spec.env, cwd=spec.cwd, log_file=spec.log_file)
+                run_as = postgres.run_as().popen_kwargs() if name == POSTGRES else None
+                proc = process.launch(spec.argv, env=spec.env, cwd=spec.cwd, log_file=spec.log_file,
+                                      popen_kwargs=run_as)
                 launched[name] = (spec, proc, time.monotonic())
                 records[name] = pidfile.make_record(proc.pid, spec.port, spec.url, spec.health_url, spec.log_file,
                                                     spec.extra_ports)
@@ -341,6 +409,10 @@ def _start(cfg: ServicesConfig, root: Path) -> ServiceState:
             _wait_healthy(name, rec["health_url"], Path(rec["log"]), t0 + cfg.start_timeout_s, proc)
             if name == SEAWEEDFS:
                 _ensure_bucket(cfg, creds, t0 + cfg.start_timeout_s)
+            if name == POSTGRES:
+                created = postgres.ensure_databases(rec["port"], service_secrets(root)["postgres_password"])
+                if created:
+                    logger.info("postgres: created databases %s", ", ".join(created))
             if name in launched:
                 startup[name] = round(time.monotonic() - t0, 2)
                 logger.info("%s: healthy at %s after %.1f s", name, rec["url"], startup[name])
@@ -373,12 +445,13 @@ def _state(cfg, root, creds, records, launched, startup) -> ServiceState:
 def _stop_records(root: Path, to_stop: Mapping[str, dict]) -> list[str]:
     records = pidfile.read_records(root)
     stopped = []
-    for name in reversed(ALL_SERVICES):
+    for name in reversed(_ORDER):
         rec = to_stop.get(name)
         if rec is None:
             continue
         if pidfile.running(rec) or process.start_time(rec["pid"]) is None:  # leader gone: orphans may remain
-            outcome = process.stop_group(rec["pid"])
+            first = signal.SIGINT if name == POSTGRES else signal.SIGTERM  # PostgreSQL's fast shutdown
+            outcome = process.stop_group(rec["pid"], first=first, term_timeout_s=60 if name == POSTGRES else 15)
             if outcome == "killed":
                 logger.warning("%s: pid %d ignored SIGTERM and was killed", name, rec["pid"])
             if outcome != "gone":
@@ -415,17 +488,23 @@ def stop(cfg: ServicesConfig) -> list[str]:
 
             first += [API] if stop_api(root) else []
         records = pidfile.read_records(root)
-        return first + _stop_records(root, {n: records[n] for n in cfg.services if n in records})
+        names = set(cfg.services)
+        if not set(records) & ({MLFLOW, PREFECT} - names):  # the database goes when nothing is left to use it
+            names.add(POSTGRES)
+        return first + _stop_records(root, {n: records[n] for n in names if n in records})
 
 
 def status(cfg: ServicesConfig) -> list[ServiceStatus]:
     """Pid alive and health for each service in ``cfg.services``."""
     records = pidfile.read_records(cfg.root.resolve())
     result = []
-    for name in cfg.services:
+    names = [n for n in _with_dependencies(cfg) if n in cfg.services or n == POSTGRES]
+    if POSTGRES in records and POSTGRES not in names:
+        names.append(POSTGRES)
+    for name in names:
         rec = records.get(name)
         alive = pidfile.running(rec)
-        healthy = alive and process.http_ok(rec["health_url"])
+        healthy = alive and _healthy(rec["health_url"])
         url = rec["url"] if rec else _public_url(cfg, name)
         result.append(ServiceStatus(name, rec["pid"] if rec else None, alive, healthy, url))
     return result

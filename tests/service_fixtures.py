@@ -11,7 +11,7 @@ Fixtures (the session ones share one root, so SeaweedFS starts once even when bo
   Starting MLflow and Prefect takes 20-50 s on two busy cores: use it from ``slow`` tests.
 - ``services_env`` (function): ``services`` plus ``env_for_clients`` set in ``os.environ`` for the test.
 - ``store`` (function): an ``ObjectStore`` on ``object_store``'s bucket.
-- ``isolated_services`` (function): a factory ``(services=("seaweedfs",)) -> ServicesConfig`` with its
+- ``isolated_services`` (function): a factory ``(services=("seaweedfs",), database=...) -> ServicesConfig`` with its
   own root and free ports, for tests that stop or break a server; whatever it started is stopped after.
 
 Every root these fixtures start shares one set of service logins (``service-secrets.json`` seeded before the
@@ -19,13 +19,18 @@ first start), and ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` and ``PREFECT_API_AU
 session, so in-process clients (``tracking.configure(state.mlflow_uri)``) authenticate against any of them.
 
 Tests using these fixtures are marked ``services`` automatically. Set DEFECTOPS_TEST_START_TIMEOUT_S to
-change the start-up timeout (default 180 s: the machine's cores are shared).
+change the start-up timeout (default 180 s: the machine's cores are shared), and DEFECTOPS_TEST_DATABASE=
+postgresql to run MLflow's backend store and Prefect's database on a local PostgreSQL cluster
+(``services.database: postgresql``) instead of SQLite.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +45,7 @@ from infra.storage import ObjectStore
 
 _SERVICE_FIXTURES = {"object_store", "services", "services_env", "store", "isolated_services"}
 START_TIMEOUT_S = float(os.environ.get("DEFECTOPS_TEST_START_TIMEOUT_S", "180"))
+DATABASE = os.environ.get("DEFECTOPS_TEST_DATABASE", "sqlite")  # MLflow's and Prefect's: sqlite | postgresql
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -62,14 +68,25 @@ def _seed_logins(root: Path) -> None:
         write_private_json(root / SERVICE_SECRETS_FILE, _LOGINS)
 
 
-def make_config(root: Path, services: tuple[str, ...] = ("seaweedfs",)) -> ServicesConfig:
-    """A config with its own root, fresh S3 credentials (not the caller's env), the session's service logins
-    and three free ports."""
+def _reachable_root(root: Path, database: str) -> Path:
+    """PostgreSQL runs as the `postgres` user when the tests run as root, and pytest's temporary folders sit
+    under a 0700 /tmp/pytest-of-root: such roots move to a folder of their own in /tmp (removed at exit)."""
+    if database != "postgresql" or os.geteuid() != 0:
+        return root
+    moved = Path(tempfile.mkdtemp(prefix=f"defectops-test-{root.name}-"))
+    atexit.register(shutil.rmtree, moved, True)
+    return moved
+
+
+def make_config(root: Path, services: tuple[str, ...] = ("seaweedfs",), database: str = DATABASE) -> ServicesConfig:
+    """A config with its own root, fresh S3 credentials (not the caller's env), the session's service logins,
+    three free ports and the session's database (DEFECTOPS_TEST_DATABASE: sqlite, or postgresql)."""
+    root = _reachable_root(root, database)
     _seed_logins(root)
     s3_port, mlflow_port, prefect_port = find_free_ports("127.0.0.1", 3)
     return ServicesConfig(root=root, s3_port=s3_port, mlflow_port=mlflow_port, prefect_port=prefect_port,
                           access_key="", secret_key="", bucket="defectops-test",
-                          start_timeout_s=START_TIMEOUT_S, services=services)
+                          start_timeout_s=START_TIMEOUT_S, services=services, database=database)
 
 
 class _SharedServices:
@@ -141,8 +158,8 @@ def store(object_store: ServiceState) -> ObjectStore:
 def isolated_services(tmp_path: Path) -> Iterator[Callable[..., ServicesConfig]]:
     made: list[ServicesConfig] = []
 
-    def factory(services: tuple[str, ...] = ("seaweedfs",)) -> ServicesConfig:
-        cfg = make_config(tmp_path / f"root{len(made)}", services)
+    def factory(services: tuple[str, ...] = ("seaweedfs",), database: str = DATABASE) -> ServicesConfig:
+        cfg = make_config(tmp_path / f"root{len(made)}", services, database)
         made.append(cfg)
         return cfg
 

@@ -134,7 +134,8 @@ def test_all_three_services_start_healthy_and_stop(isolated_services, tmp_path, 
     cfg = isolated_services(ALL_SERVICES)
     state = start(cfg)
     print("start-up seconds (launched together):", dict(state.startup_s))
-    assert set(state.launched) == set(ALL_SERVICES)
+    database = ("postgres",) if cfg.database == "postgresql" else ()
+    assert set(state.launched) == {*ALL_SERVICES, *database}
     assert all(st.alive and st.healthy for st in status(cfg)), status(cfg)
     with urllib.request.urlopen(f"{state.mlflow_uri}/health", timeout=5) as resp:
         assert resp.read().strip() == b"OK"
@@ -158,6 +159,6 @@ def test_all_three_services_start_healthy_and_stop(isolated_services, tmp_path, 
     assert any(k.endswith(f"{run.info.run_id}/artifacts/probe.txt") for k in keys), keys
     assert state.secret_key not in _all_text_under(cfg.root)
 
-    assert stop(cfg) == ["prefect", "mlflow", "seaweedfs"]
+    assert stop(cfg) == ["prefect", "mlflow", *database, "seaweedfs"]
     assert not any(st.alive for st in status(cfg))
     assert not any(process.is_alive(pid) for pid in state.pids.values())

@@ -5,20 +5,23 @@ that read, write or delete data on any of them: SeaweedFS filer/volume/S3 object
 alias and artifact-proxy API, Prefect's flow and flow-run API. None may answer 2xx, and afterwards the probe
 objects must not exist and the sentinel object must be unchanged.
 
-Known gap (documented in docs/reliability.md, pinned by a strict xfail below): SeaweedFS's master HTTP
-admin endpoints (`/col/delete`, `/vol/grow`) and the gRPC ports of `weed mini` have no authentication in this
-version short of mutual TLS; its IP white list would also block the S3 gateway's own calls.
+SeaweedFS's master HTTP admin endpoints (`/col/delete`, `/vol/grow`) and the gRPC ports of `weed mini` have
+no login in this version: they run mutual TLS with a certificate only the weed process holds (infra/tls.py),
+and a test shows both refuse a client without it while accepting one with it.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
+import ssl
 import uuid
+from pathlib import Path
 
 import boto3
-import pytest
 
+from infra import pidfile
 from infra.credentials import SERVICE_SECRETS_FILE
 from tests.reliability.test_security import _listening
 
@@ -103,11 +106,60 @@ def test_service_secrets_are_generated_once_and_private(services, record):
     assert services.prefect_auth.endswith(first["prefect_password"])
 
 
-@pytest.mark.xfail(strict=True, reason="SeaweedFS master admin HTTP has no auth in weed mini 4.48 (see module doc)")
-def test_seaweedfs_master_admin_endpoints_refuse_anonymous(services):
-    ports = [p for pid in [services.pids["seaweedfs"]] for _, p in _listening(pid)]
-    grow = [(p, _status(p, "GET", f"/vol/grow?collection={PROBE}&count=1", None, {})) for p in ports]
-    assert not [p for p, code in grow if code == 200], grow
+def _tls_status(port: int, path: str, cert: tuple[Path, Path] | None) -> int | str:
+    """HTTPS GET status with or without the stack's client certificate, or the handshake error's name."""
+    ctx = ssl.create_default_context(cafile=None)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    if cert:
+        ctx.load_cert_chain(*map(str, cert))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
+
+
+def _grpc_handshake(port: int, cert: tuple[Path, Path] | None) -> bool:
+    """True when a TLS handshake (ALPN h2, as gRPC clients do) completes and the server keeps talking."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    if cert:
+        ctx.load_cert_chain(*map(str, cert))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            return bool(tls.recv(9))  # the server's SETTINGS frame; TLS 1.3 reports a refused cert here
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def test_seaweedfs_master_admin_and_grpc_demand_the_stacks_client_certificate(services, record):
+    """/vol/grow and /col/delete on every weed port, plain and over TLS without a certificate: never 2xx; every
+    gRPC port refuses a TLS client without the certificate. Controls: with ROOT/seaweedfs/tls's certificate
+    the master answers /dir/status and the gRPC ports complete the handshake, so the refusals are the
+    certificate check, not a closed or misnamed port."""
+    rec = pidfile.read_records(services.root)["seaweedfs"]
+    tls_dir = services.root / "seaweedfs" / "tls"
+    cert = (tls_dir / "tls.crt", tls_dir / "tls.key")
+    ports = sorted({p for _, p in _listening(services.pids["seaweedfs"])})
+    admin = [f"/vol/grow?collection={PROBE}&count=1", f"/col/delete?collection={PROBE}"]
+    answered = [f"http :{p}{a}" for p in ports for a in admin
+                if (code := _status(p, "GET", a, None, {})) is not None and 200 <= code < 300]
+    answered += [f"https :{p}{a}" for p in ports for a in admin if _tls_status(p, a, None) in range(200, 300)]
+    master = rec["extra_ports"]["master.port"]
+    grpc = sorted(p for name, p in rec["extra_ports"].items() if name.endswith(".grpc"))
+    anonymous_grpc = [p for p in grpc if _grpc_handshake(p, None)]
+    record("security", f"SeaweedFS master admin API and {len(grpc)} gRPC ports: client certificate required")
+    assert _tls_status(master, "/dir/status", cert) == 200
+    assert all(_grpc_handshake(p, cert) for p in grpc), grpc
+    assert not answered, answered
+    assert not anonymous_grpc, anonymous_grpc
+    assert tls_dir.stat().st_mode & 0o077 == 0 and cert[1].stat().st_mode & 0o077 == 0
 
 
 def test_prefect_cors_is_not_a_wildcard(services, record):
