@@ -14,6 +14,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def scoped_sets(method: str, sets: list[str], methods: tuple[str, ...]) -> list[str]:
+    """The `--set` values that apply to `method`: `key=value` (every method) and `METHOD:key=value` with
+    METHOD == method (a `key` holding a colon, e.g. a path, is not taken for a method name)."""
+    out = []
+    for s in sets:
+        head, sep, rest = s.partition(":")
+        if sep and head in methods and "=" not in head:
+            if head == method:
+                out.append(rest)
+        else:
+            out.append(s)
+    return out
+
+
 def run_worker(script: str, worker: list[str], threads: int, extra: list[str] | None = None,
                label: str = "") -> dict | list | None:
     """Run `script --worker *worker --threads N *extra` in a child with OMP_NUM_THREADS=N; -> the JSON on

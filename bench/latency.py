@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from child import ROOT, peak_rss_mb, run_worker
+from child import ROOT, peak_rss_mb, run_worker, scoped_sets
 from mdtable import markdown
 
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -65,15 +65,7 @@ def run_one(method: str, line: str, sets: list[str], threads: int, n_images: int
 
 
 def method_sets(method: str, sets: list[str]) -> list[str]:
-    out = list(SHORT_TRAINING.get(method, []))
-    for s in sets:
-        head, sep, rest = s.partition(":")
-        if sep and head in METHODS:
-            if head == method:
-                out.append(rest)
-        else:
-            out.append(s)
-    return out
+    return [*SHORT_TRAINING.get(method, []), *scoped_sets(method, sets, METHODS)]
 
 
 def main() -> None:

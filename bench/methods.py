@@ -25,11 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-from child import run_worker
+from child import run_worker, scoped_sets
 from mdtable import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY = str(Path(__file__).resolve().parent / "accuracy.py")
+DATASETS = ROOT.parent / "shared" / "datasets"
 METHODS = ("patchcore", "dinomaly", "students", "divide_assemble", "transformaly")
 LINES = ("cookie", "pcb")
 NOTES = {
@@ -44,23 +45,22 @@ def method_sets(method: str, sets: list[str]) -> list[str]:
     """The overrides of one method's runs: `detector.method=<method>`, the global ones, its own (METHOD:k=v)."""
     out = [f"detector.method={method}", "threshold.calibration=holdout"]  # + accuracy.py's calibration_fraction 0:
     # no threshold calibration, so fit s is the detector's fit alone (crossfit would add k more fits)
-    for s in sets:
-        head, sep, rest = s.partition(":")
-        if sep and head in METHODS and "=" not in head:
-            if head == method:
-                out.append(rest)
-        else:
-            out.append(s)
-    return out
+    return [*out, *scoped_sets(method, sets, METHODS)]
 
 
-def working_size(sets: list[str]) -> str:
-    """The resolution the method works at: data.image_size, or divide_assemble's own image_size when set."""
+def working_size(sets: list[str], line: str) -> str:
+    """The resolution the method works at: data.image_size (the line's own size with data.resize none), or
+    divide_assemble's own image_size when set."""
     sys.path.insert(0, str(ROOT))
     from components.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", sets)
     h, w = cfg.data.image_size
+    if cfg.data.resize == "none":
+        from PIL import Image
+
+        with Image.open(next(iter(sorted((DATASETS / line / "test").rglob("*.png"))))) as first:
+            w, h = first.size
     own = getattr(getattr(cfg.detector, cfg.detector.method), "image_size", None)
     return f"{h}x{w}" + (f" ({own} inside)" if isinstance(own, int) and own not in (0, h) else "")
 
@@ -127,7 +127,9 @@ def main() -> None:
                                      f"{method}/{line}/seed {seed}")
                     if row is None:
                         continue
-                    row.update(variant=args.variant, seed=seed, image_size=working_size(sets), load=(load + os.getloadavg()[0]) / 2, sets=sets, started=t0)
+                    row.update(variant=args.variant, seed=seed, image_size=working_size(sets, line), load=(load + os.getloadavg()[0]) / 2, sets=sets, started=t0)
+                    if json_path.is_file():  # another bench may have written it meanwhile: keep its rows
+                        rows = json.loads(json_path.read_text())["runs"]
                     rows = [r for r in rows if (r["method"], r.get("variant", "default"), r["line"], r["seed"])
                             != (method, args.variant, line, seed)]
                     rows.append(row)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from flows import registry
-from flows.versioning import registry_lock
+from flows.versioning import git_out, registry_lock
 from infra.storage import ObjectStore, StorageError
 
 logger = logging.getLogger(__name__)
@@ -68,10 +67,10 @@ def dvc_key(md5: str) -> str:
 
 
 def _git(repo: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise GcError(f"{repo}: git {' '.join(args)} failed ({done.stderr.strip()[:200]}): nothing deleted")
-    return done.stdout
+    rc, out = git_out(repo, *args, timeout=120)
+    if rc != 0:
+        raise GcError(f"{repo}: git {' '.join(args)} failed ({out[:200]}): nothing deleted")
+    return out
 
 
 def dvc_referenced_keys(repo: Path) -> set[str]:

@@ -108,19 +108,21 @@ def code_dir(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get("DEFECTOPS_CODE_DIR") or Path(__file__).resolve().parents[1])
 
 
-def _git_out(folder: Path, *args: str) -> tuple[int, str]:
+def git_out(folder: Path, *args: str, timeout: float = 30) -> tuple[int, str]:
+    """(exit code, stripped stdout, or stderr when it failed) of `git -C folder ARGS`; -1 when git could not
+    run or timed out."""
     try:
-        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return -1, str(exc)
-    return out.returncode, out.stdout.strip()
+    return out.returncode, (out.stdout if out.returncode == 0 else out.stderr).strip()
 
 
 def git_commit(path: str | Path | None = None) -> str:
     """`git rev-parse HEAD` of the code checkout (see `code_dir`); "none" with a warning when it is not a
     git checkout or has no commit yet."""
     folder = code_dir(path)
-    rc, commit = _git_out(folder, "rev-parse", "--verify", "-q", "HEAD")
+    rc, commit = git_out(folder, "rev-parse", "--verify", "-q", "HEAD")
     if rc != 0 or not commit:
         logger.warning("%s is not a git checkout with a commit: git commit recorded as %r", folder, NO_COMMIT)
         return NO_COMMIT
@@ -130,9 +132,9 @@ def git_commit(path: str | Path | None = None) -> str:
 def git_dirty(path: str | Path | None = None) -> str:
     """"true" when the code checkout has uncommitted changes to tracked files, "false", or "unknown"."""
     folder = code_dir(path)
-    if _git_out(folder, "rev-parse", "--verify", "-q", "HEAD")[0] != 0:
+    if git_out(folder, "rev-parse", "--verify", "-q", "HEAD")[0] != 0:
         return "unknown"
-    rc, out = _git_out(folder, "status", "--porcelain", "--untracked-files=no")
+    rc, out = git_out(folder, "status", "--porcelain", "--untracked-files=no")
     return "unknown" if rc != 0 else ("true" if out else "false")
 
 
