@@ -23,6 +23,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.logins import write_private_text
+
 DB_USER = "defectops"
 DATABASES = ("mlflow", "prefect")
 USER_ENV = "DEFECTOPS_POSTGRES_USER"
@@ -97,9 +99,7 @@ def init_cluster(home: Path, password: str, port: int, who: RunAs) -> None:
         if data.exists():  # a previous initdb died half-way: nothing in it was ever used
             shutil.rmtree(data)
         pwfile = home / ".initdb-password"
-        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(password + "\n")
+        write_private_text(pwfile, password + "\n")
         _own(pwfile, who)
         argv = [binary("initdb"), "-D", str(data), "-U", DB_USER, f"--pwfile={pwfile}", "--auth=scram-sha-256",
                 "-E", "UTF8", "--locale=C", "--no-instructions"]

@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +113,6 @@ class ServiceSpec:
     cwd: Path
     env: Mapping[str, str] = field(repr=False)
     extra_ports: Mapping[str, int] = field(default_factory=dict)
-    health: Callable[[str], bool] = process.http_ok
 
 
 @dataclass(frozen=True)
@@ -338,7 +337,7 @@ def _prepare(cfg: ServicesConfig, name: str, root: Path, creds: Credentials) -> 
 def _check_port(cfg: ServicesConfig, spec: ServiceSpec) -> None:
     # "lingering" (TIME_WAIT left by an instance just stopped) is fine: weed, uvicorn and Prefect rebind it.
     # weed's internal ports are strict about TIME_WAIT, which is why they are drawn fresh on each start.
-    if spec.name != POSTGRES and process.port_state(cfg.host, spec.port) == "in_use":
+    if process.port_state(cfg.host, spec.port) == "in_use":
         raise PortInUseError(f"{spec.name}: port {spec.port} on {cfg.host} is already in use by another "
                              f"process; stop it or set another port in ServicesConfig")
 

@@ -106,12 +106,18 @@ def test_service_secrets_are_generated_once_and_private(services, record):
     assert services.prefect_auth.endswith(first["prefect_password"])
 
 
-def _tls_status(port: int, path: str, cert: tuple[Path, Path] | None) -> int | str:
-    """HTTPS GET status with or without the stack's client certificate, or the handshake error's name."""
-    ctx = ssl.create_default_context(cafile=None)
+def _client_context(cert: tuple[Path, Path] | None) -> ssl.SSLContext:
+    """A TLS client that does not check the server, presenting the stack's certificate when given."""
+    ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     if cert:
         ctx.load_cert_chain(*map(str, cert))
+    return ctx
+
+
+def _tls_status(port: int, path: str, cert: tuple[Path, Path] | None) -> int | str:
+    """HTTPS GET status with or without the stack's client certificate, or the handshake error's name."""
+    ctx = _client_context(cert)
     conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
     try:
         conn.request("GET", path)
@@ -124,11 +130,8 @@ def _tls_status(port: int, path: str, cert: tuple[Path, Path] | None) -> int | s
 
 def _grpc_handshake(port: int, cert: tuple[Path, Path] | None) -> bool:
     """True when a TLS handshake (ALPN h2, as gRPC clients do) completes and the server keeps talking."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx = _client_context(cert)
     ctx.set_alpn_protocols(["h2"])
-    if cert:
-        ctx.load_cert_chain(*map(str, cert))
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
                 ctx.wrap_socket(raw, server_hostname="localhost") as tls:
