@@ -46,6 +46,8 @@ MAP_DESCRIPTION = ("optional, not the paper's (which scores images only): studen
 
 @register_detector("transformaly")
 class Transformaly(TorchDetector):
+    SAVED_BEFORE_DEFAULTS = {"student_mode": "eval"}  # models saved before the field existed trained in eval mode
+
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.net_: TransformalyNet | None = None

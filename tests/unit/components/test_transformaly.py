@@ -256,7 +256,7 @@ def test_train_mode_puts_only_the_students_in_train_mode_with_dropout(textures) 
     assert not any(m.training for m in net.modules())
     three, four = net.student_pass(inputs), net.student_pass(inputs)
     assert all(torch.equal(a, b) for a, b in zip(three, four, strict=True))
-    # student_mode eval: train() changes nothing (the default, as before)
+    # student_mode eval: train() changes nothing (the default until 2026-11-27)
     frozen = TransformalyNet(net.teacher, params.blocks, "random", 0.0, seed=0, dropout=0.5).train()
     assert not any(m.training for m in frozen.modules())
     assert all(m.p == 0.0 for m in frozen.student.modules() if isinstance(m, torch.nn.Dropout))
@@ -276,6 +276,24 @@ def test_train_mode_fit_is_seeded_and_resumes_exactly(tmp_path: Path, textures) 
     resumed, steps, left = fit_interrupted_then_resumed(lambda: Transformaly(cfg), images, tmp_path / "ckpt")
     assert left == 2 and steps == [3, 4, 5, 6]
     assert_same_weights(full.net_, resumed.net_)
-    eval_mode = Transformaly(tiny_cfg(epochs=3)).fit(images)
+    eval_mode = Transformaly(tiny_cfg(epochs=3, student_mode="eval")).fit(images)
     good = textures([100, 101])
     assert not np.array_equal(full.score(good).image_scores, eval_mode.score(good).image_scores)
+
+
+def test_a_model_saved_before_student_mode_existed_loads_as_trained_in_eval_mode(tmp_path: Path, textures,
+                                                                                  monkeypatch) -> None:
+    """The default became `train` on 2026-11-27; an older model's config has no student_mode and trained in eval."""
+    import components.detector as detector_module
+
+    Transformaly(tiny_cfg(epochs=1, student_mode="train")).fit(textures(range(3))).save(tmp_path / "m")
+    assert Transformaly.load(tmp_path / "m").params.student_mode == "train"  # saved explicitly
+    real = detector_module.read_saved_model
+
+    def older(directory, method, needed):
+        files, meta = real(directory, method, needed)
+        del meta["config"]["detector"]["transformaly"]["student_mode"]
+        return files, meta
+
+    monkeypatch.setattr(detector_module, "read_saved_model", older)
+    assert Transformaly.load(tmp_path / "m").params.student_mode == "eval"
