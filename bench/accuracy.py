@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from child import peak_rss_mb, run_worker
+from child import NO_CALIBRATION, peak_rss_mb, run_worker
 from mdtable import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def run_one(line: str, backbone: str, overrides: list[str], threads: int, max_tr
     from components.evaluation import evaluate_split
     from components.training import fit_line, preprocess_for
 
-    sets = [f"backbone.name={backbone}", "data.calibration_fraction=0", *overrides]
+    sets = [f"backbone.name={backbone}", *NO_CALIBRATION, *overrides]
     detector = load_config(ROOT / "params.yaml", sets).detector
     if "threads" in type(getattr(detector, detector.method)).model_fields:
         sets.insert(2, f"detector.{detector.method}.threads={threads}")  # the configured method's; --set still wins

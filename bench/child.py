@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Overrides for "every train image fitted, no threshold calibration" (as anomalib): the fraction alone no
+# longer says so since crossfit became the default calibration (it would fit `threshold.folds` more detectors
+# on all the train images first); holdout with fraction 0 fits one detector and calibrates nothing.
+NO_CALIBRATION = ("threshold.calibration=holdout", "data.calibration_fraction=0")
 
 
 def scoped_sets(method: str, sets: list[str], methods: tuple[str, ...]) -> list[str]:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from child import NO_CALIBRATION
 from mdtable import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def _config(overrides: list[str], threads: int):
     import components.dinomaly.detector  # noqa: F401  (registers "dinomaly" even before the registry lists it)
     from components.config import load_config
 
-    sets = ["detector.method=dinomaly", "data.calibration_fraction=0", f"detector.dinomaly.threads={threads}",
+    sets = ["detector.method=dinomaly", *NO_CALIBRATION, f"detector.dinomaly.threads={threads}",
             *overrides]
     return load_config(ROOT / "params.yaml", sets)
 

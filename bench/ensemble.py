@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from child import peak_rss_mb, run_worker
+from child import NO_CALIBRATION, peak_rss_mb, run_worker
 from mdtable import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ LATENCY_IMAGES = 20
 def settings(spec: str, threads: int, overrides: list[str]) -> list[str]:
     """--set overrides for one configuration: single backbone or "+"-joined ensemble; the caller's last."""
     names = spec.split("+")
-    sets = [f"backbone.name={names[0]}", "data.image_size=[256, 256]", "data.calibration_fraction=0",
+    sets = [f"backbone.name={names[0]}", "data.image_size=[256, 256]", *NO_CALIBRATION,
             f"detector.patchcore.threads={threads}"]
     if len(names) > 1:
         sets += ["detector.method=patchcore_ensemble", f"detector.patchcore_ensemble.backbones=[{', '.join(names)}]"]

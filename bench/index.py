@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from child import interleaved
+from child import NO_CALIBRATION, interleaved
 from mdtable import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def run_line(line: str, settings: list[str], sets: list[str], threads: int, max_
 
     torch.set_num_threads(threads)
     knn.set_threads(threads)
-    cfg = load_config(ROOT / "params.yaml", ["data.calibration_fraction=0", f"detector.patchcore.threads={threads}",
+    cfg = load_config(ROOT / "params.yaml", [*NO_CALIBRATION, f"detector.patchcore.threads={threads}",
                                               "data.batch_size=8", *sets])
     t0 = time.perf_counter()
     det = fit_line(cfg, DATASETS / line, max_train).detector

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from child import ROOT, peak_rss_mb, run_worker, scoped_sets
+from child import NO_CALIBRATION, ROOT, peak_rss_mb, run_worker, scoped_sets
 from mdtable import markdown
 
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -44,11 +44,8 @@ def run_one(method: str, line: str, sets: list[str], threads: int, n_images: int
     from components.data import iter_batches, scan_line
     from components.training import fit_line, preprocess_for
 
-    # holdout with fraction 0: no threshold calibration, so the fit is the detector's alone (the crossfit
-    # default would fit k more detectors on the folds first: at 640 px that is most of the run)
-    cfg = load_config(ROOT / "params.yaml", [f"detector.method={method}", "data.calibration_fraction=0",
-                                             "threshold.calibration=holdout", f"detector.{method}.threads={threads}",
-                                             *sets])
+    cfg = load_config(ROOT / "params.yaml", [f"detector.method={method}", *NO_CALIBRATION,
+                                             f"detector.{method}.threads={threads}", *sets])
     t0 = time.perf_counter()
     fitted = fit_line(cfg, DATASETS / line, None)
     fit_s = time.perf_counter() - t0

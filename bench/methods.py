@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from child import run_worker, scoped_sets
+from child import NO_CALIBRATION, run_worker, scoped_sets
 from mdtable import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +53,9 @@ NOTES = {
 
 def method_sets(method: str, sets: list[str]) -> list[str]:
     """The overrides of one method's runs: `detector.method=<method>`, the global ones, its own (METHOD:k=v)."""
-    out = [f"detector.method={method}", "threshold.calibration=holdout"]  # + accuracy.py's calibration_fraction 0:
-    # no threshold calibration, so fit s is the detector's fit alone (crossfit would add k more fits)
-    return [*out, *scoped_sets(method, sets, METHODS)]
+    # no threshold calibration, so fit s is the detector's fit alone (accuracy.py's worker applies it too;
+    # named here so that each row's recorded `sets` say it)
+    return [f"detector.method={method}", *NO_CALIBRATION, *scoped_sets(method, sets, METHODS)]
 
 
 def working_size(sets: list[str], line: str) -> str:
@@ -137,11 +137,16 @@ def quiet_ms(results: Path = RESULTS) -> dict[tuple[str, str], float]:
     return out
 
 
-def write_table(out: Path, rows: list[dict], quiet: dict[tuple[str, str], float] | None = None) -> str:
-    """OUT.json (runs and summary) and OUT.md (the table); returns the table."""
+def write_runs(out: Path, rows: list[dict]) -> list[dict]:
+    """OUT.json: the runs and their summary (returned)."""
     summary = summarise(rows)
     out.with_suffix(".json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2))
-    text = render(summary, quiet)
+    return summary
+
+
+def write_table(out: Path, rows: list[dict], quiet: dict[tuple[str, str], float] | None = None) -> str:
+    """OUT.json (runs and summary) and OUT.md (the table); returns the table."""
+    text = render(write_runs(out, rows), quiet)
     out.with_suffix(".md").write_text(f"<!-- written by bench/methods.py; do not edit -->\n\n{text}\n")
     return text
 
@@ -182,7 +187,7 @@ def main() -> None:
                     rows = [r for r in rows if (r["method"], r.get("variant", "default"), r["line"], r["seed"])
                             != (method, args.variant, line, seed)]
                     rows.append(row)
-                    json_path.write_text(json.dumps({"runs": rows, "summary": summarise(rows)}, indent=2))
+                    write_runs(args.out, rows)
                     print(f"done {method}/{line}/seed {seed}: image AUROC {row['image_auroc']:.3f}, "
                           f"fit {row['fit_s']:.0f} s", file=sys.stderr, flush=True)
     print(write_table(args.out, rows))

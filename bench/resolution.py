@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from child import interleaved, peak_rss_mb, run_worker
+from child import NO_CALIBRATION, interleaved, peak_rss_mb, run_worker
 from mdtable import table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def run_one(line: str, overrides: list[str], threads: int, max_train: int | None
     from components.training import fit_line, image_stream, preprocess_for
 
     torch.set_num_threads(threads)
-    cfg = load_config(ROOT / "params.yaml", ["data.calibration_fraction=0", "data.batch_size=8",
+    cfg = load_config(ROOT / "params.yaml", [*NO_CALIBRATION, "data.batch_size=8",
                                               f"detector.patchcore.threads={threads}", *overrides])
     split = scan_line(DATASETS / line)
     train = split.train[:max_train] if max_train else split.train
